@@ -1,0 +1,36 @@
+# The two entry points of the README. Each creates .venv and installs the project on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch that this machine's pip offers; GPU users: make TORCH_SPEC='torch>=2.13'
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/tiny.yaml
+
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: run test lint install clean
+
+run: $(VENV)/.installed  ## the whole pipeline on the embedded tiny defaults
+	$(VENV)/bin/apt-pipeline run --config $(CONFIG)
+
+test: $(VENV)/.installed lint  ## ruff, then every test (slow ones too)
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq "$(TORCH_SPEC)"
+	$(PY) -m pip install -qq -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .cache runs

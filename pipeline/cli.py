@@ -1,0 +1,49 @@
+"""`apt-pipeline`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import config as config_lib
+from pipeline import run as driver
+
+DESCRIPTION = """APT (Adaptive Pruning and Tuning) for LLaMA-family models under DeepSpeed.
+Every command takes the run config as YAML (--config) plus dotted overrides such as
+train.lr=1e-4 or data.seq_len=256; without --config the embedded tiny defaults are used."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apt-pipeline", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run every stage that is not done yet, in order",
+                              description="Run the pipeline: done stages are skipped, a stale stage and every "
+                                          "stage after it run again.")
+    run.add_argument("--config", help="run config YAML (default: the embedded tiny defaults)")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every later one")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    stage = commands.add_parser("stage", help="run one stage (its inputs must be done)",
+                                description="Run one stage and write its manifest, whether or not it is done.")
+    stage.add_argument("name", choices=[s.name for s in driver.STAGES])
+    stage.add_argument("--config", help="run config YAML (default: the embedded tiny defaults)")
+    stage.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        print(f"apt-pipeline: {e}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        driver.run_pipeline(cfg, from_stage=args.from_stage)
+    else:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""The run configuration: one typed tree of frozen dataclasses, loaded from YAML plus dotted overrides.
+
+Every value is checked once, at start-up; a bad config fails with the full key path, the value and
+what is allowed, before any stage runs. Stages receive only the sections they read (`RunConfig.select`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "tiny"
+    """Run name; the run directory is `<root>/<name>`."""
+    root: str = "runs"
+    """Folder that holds run directories (relative paths are taken from the current directory)."""
+    seed: int = 0
+    """Seed for data split, initialisation and sampling."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name or "/" in self.name:
+            out.append(f"name: {self.name!r} must be a non-empty folder name without '/'")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None
+    """Local `from_pretrained` directory (LLaMA/Mistral/Qwen2). Unset: build a model from the fields below."""
+    model_type: Literal["llama", "mistral", "qwen2"] = "llama"
+    """Architecture of a model built from this config."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    """Fewer than num_heads gives grouped-query attention (GQA)."""
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    vocab_size: int | None = None
+    """Unset: the tokenizer's vocabulary size."""
+    tie_word_embeddings: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.num_heads >= 1 and self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+            out.append(f"num_heads: {self.num_heads} must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            out.append(f"hidden_size: {self.hidden_size} must be a multiple of num_heads ({self.num_heads})")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            out.append(f"vocab_size: {self.vocab_size} must be >= 1 or null")
+        if self.path is not None and not Path(self.path).is_dir():
+            out.append(f"path: {self.path!r} is not a directory; give a local from_pretrained directory or null")
+        return out
+
+
+@dataclass(frozen=True)
+class DataSection:
+    sources: tuple[str, ...] = ("data/python-docs.jsonl",)
+    """Local .txt/.jsonl/.json/.parquet files or folders of them."""
+    hub_name: str | None = None
+    """A `datasets` hub name to load instead of `sources` (needs network or a local HF cache)."""
+    hub_config: str | None = None
+    hub_split: str = "train"
+    format: Literal["text", "instruction"] = "text"
+    """text: documents packed into seq_len blocks; instruction: Alpaca records or chat `messages`, loss on answers."""
+    text_field: str = "text"
+    """Field holding a document in .jsonl/.parquet text data."""
+    text_unit: Literal["line", "paragraph", "document"] = "paragraph"
+    """What one document is in a .txt file."""
+    seq_len: int = 128
+    validation_fraction: float = 0.05
+    """Share of documents held out for validation (split before tokenization, seeded)."""
+    num_proc: int = 2
+    """Worker processes for tokenization."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.hub_name is None and not self.sources:
+            out.append("sources: empty; name at least one file or folder, or set data.hub_name")
+        if self.hub_name is None:
+            for source in self.sources:
+                if not Path(source).exists():
+                    out.append(f"sources: {source!r} does not exist")
+        if self.seq_len < 2:
+            out.append(f"seq_len: {self.seq_len} must be >= 2")
+        if not 0.0 < self.validation_fraction < 1.0:
+            out.append(f"validation_fraction: {self.validation_fraction} must be in (0, 1)")
+        if self.num_proc < 1:
+            out.append(f"num_proc: {self.num_proc} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class TokenizerSection:
+    path: str | None = None
+    """A HF tokenizer directory or a SentencePiece .model file. Unset: train SentencePiece BPE on the corpus."""
+    vocab_size: int = 512
+    """Vocabulary of a trained tokenizer (>= 300: byte fallback needs 256 byte pieces plus specials)."""
+    train_sentences: int = 200_000
+    """At most this many lines of the corpus feed tokenizer training."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.path is not None and not Path(self.path).exists():
+            out.append(f"path: {self.path!r} does not exist; give a tokenizer directory, a .model file, or null")
+        if self.path is None and self.vocab_size < 300:
+            out.append(f"vocab_size: {self.vocab_size} must be >= 300 (byte fallback needs 259 reserved pieces)")
+        return out
+
+
+@dataclass(frozen=True)
+class AptSection:
+    adapter_targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
+    """Projections that carry a low-rank adapter (every projection is masked either way)."""
+    rank: int = 8
+    """Initial adapter rank."""
+    alpha: float = 16.0
+    """Adapter scaling numerator: s = alpha / initial rank."""
+    dropout: float = 0.0
+    max_rank_multiplier: int = 8
+    """An adapter grows to at most this times its initial rank."""
+    grow_every: int = 0
+    """Steps between rank-growth updates (0: never grow)."""
+    salience_momentum: float = 0.85
+    """EMA momentum of block salience between pruning updates."""
+    distill: bool = False
+    """Self-distillation from the pre-pruning adapters (KL at temperature 2 + hidden-state term)."""
+    distill_weight: float = 0.5
+
+    def problems(self) -> list[str]:
+        out = []
+        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        unknown = sorted(set(self.adapter_targets) - allowed)
+        if unknown:
+            out.append(f"adapter_targets: {unknown} unknown; allowed: {sorted(allowed)}")
+        if self.rank < 1:
+            out.append(f"rank: {self.rank} must be >= 1")
+        if self.max_rank_multiplier < 1:
+            out.append(f"max_rank_multiplier: {self.max_rank_multiplier} must be >= 1")
+        if self.grow_every < 0:
+            out.append(f"grow_every: {self.grow_every} must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout: {self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.salience_momentum < 1.0:
+            out.append(f"salience_momentum: {self.salience_momentum} must be in [0, 1)")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            out.append(f"distill_weight: {self.distill_weight} must be in [0, 1]")
+        return out
+
+
+@dataclass(frozen=True)
+class PruningSection:
+    target_remaining: float = 0.5
+    """Fraction of parameters the final model keeps (0.5 = half the parameters)."""
+    start_step: int = 0
+    """First step of the pruning window (cubic schedule starts here)."""
+    end_step: int = 20
+    """Step at which the target is reached."""
+    update_every: int = 5
+    """Steps between salience all-reduces and mask searches inside the window."""
+    mask_step: float = 0.05
+    """alpha: how far a gradual mask moves toward its target per training step."""
+    attention_mode: Literal["kv_group", "query_in_group"] = "kv_group"
+    """kv_group: drop whole KV groups; query_in_group: keep KV heads, trim query heads evenly per group."""
+    layout: Literal["uniform", "per_layer"] = "uniform"
+    """uniform: same kept sizes in every layer (plain LlamaConfig); per_layer: sizes vary per layer."""
+    round_to: int = 8
+    """Kept neurons and hidden channels are multiples of this (1 disables)."""
+    min_hidden: int = 16
+    """Hidden channels that are never pruned."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.0 < self.target_remaining <= 1.0:
+            out.append(f"target_remaining: {self.target_remaining} must be in (0, 1]")
+        if self.start_step < 0 or self.end_step <= self.start_step:
+            out.append(f"end_step: {self.end_step} must be > start_step ({self.start_step}) >= 0")
+        if self.update_every < 1:
+            out.append(f"update_every: {self.update_every} must be >= 1")
+        if not 0.0 < self.mask_step <= 1.0:
+            out.append(f"mask_step: {self.mask_step} must be in (0, 1]")
+        if self.round_to < 1:
+            out.append(f"round_to: {self.round_to} must be >= 1")
+        if self.min_hidden < 1:
+            out.append(f"min_hidden: {self.min_hidden} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 30
+    """Optimizer steps of the finetune stage."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 3
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    checkpoint_every: int = 10
+    """Steps between DeepSpeed checkpoints (one is always written at the end)."""
+    eval_batches: int = 8
+    """Validation batches for the perplexity at the end of finetune."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("steps", "micro_batch_size", "grad_accum", "checkpoint_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if not self.lr > 0:
+            out.append(f"lr: {self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            out.append("weight_decay and grad_clip must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2_cpu.json"
+    """DeepSpeed JSON template (it sets the ZeRO stage); its "auto" fields are filled from the train section."""
+    num_gpus: int = 2
+    """Ranks per node: GPUs, or CPU processes where there is no GPU."""
+    num_nodes: int = 1
+    hostfile: str | None = None
+    """DeepSpeed hostfile (`host slots=N` lines) for several nodes."""
+    master_port: int = 29500
+    launcher_args: tuple[str, ...] = ()
+    """Extra arguments passed to the `deepspeed` launcher as they are."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not Path(self.config).is_file():
+            out.append(f"config: {self.config!r} is not a file; see ds_configs/")
+        if self.num_gpus < 1 or self.num_nodes < 1:
+            out.append(f"num_gpus ({self.num_gpus}) and num_nodes ({self.num_nodes}) must be >= 1")
+        if self.num_nodes > 1 and self.hostfile is None:
+            out.append(f"hostfile: required when num_nodes is {self.num_nodes}")
+        if self.hostfile is not None and not Path(self.hostfile).is_file():
+            out.append(f"hostfile: {self.hostfile!r} is not a file")
+        if not 1024 <= self.master_port <= 65535:
+            out.append(f"master_port: {self.master_port} must be in [1024, 65535]")
+        return out
+
+
+@dataclass(frozen=True)
+class SalienceSection:
+    batches: int = 8
+    """Calibration batches per rank for the salience stage."""
+
+    def problems(self) -> list[str]:
+        return [f"batches: {self.batches} must be >= 1"] if self.batches < 1 else []
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    uri: str | None = None
+    """MLflow tracking URI (a server for multi-node). Unset: an embedded SQLite store in the run directory."""
+    experiment: str = "apt-pipeline"
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Weight dtype of the exported checkpoint."""
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    apt: AptSection = field(default_factory=AptSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    salience: SalienceSection = field(default_factory=SalienceSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    def select(self, *sections: str) -> types.SimpleNamespace:
+        """The named sections only: what one stage may read."""
+        return types.SimpleNamespace(**{name: getattr(self, name) for name in sections})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read YAML (or start from the defaults), apply `a.b=value` overrides, check everything once."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `section.key=value` in a raw config dict; the value is read as YAML (`true`, `3`, `[a, b]`)."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"override {item!r}: {parts[0]} is not a section")
+    section[parts[1]] = yaml.safe_load(value)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Build and check a RunConfig; every problem in every section is reported at once."""
+    problems: list[str] = []
+    sections = {}
+    for section_field in dataclasses.fields(RunConfig):
+        section_cls = _SECTIONS[section_field.name]
+        values = raw.get(section_field.name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{section_field.name}: must be a mapping, got {values!r}")
+            continue
+        kwargs, section_problems = _convert_section(section_cls, values)
+        problems += [f"{section_field.name}.{p}" for p in section_problems]
+        if not section_problems:
+            section = section_cls(**kwargs)
+            problems += [f"{section_field.name}.{p}" for p in section.problems()]
+            sections[section_field.name] = section
+    data, model = sections.get("data"), sections.get("model")
+    if data and model and model.path is None and data.seq_len > model.max_position_embeddings:
+        problems.append(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
+                        f"({model.max_position_embeddings})")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RunConfig)})
+    problems += [f"{name}: unknown section; known: {', '.join(_SECTIONS)}" for name in unknown]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return RunConfig(**sections)
+
+
+def _convert_section(cls: type, values: dict) -> tuple[dict, list[str]]:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    problems = [f"{key}: unknown key; known: {', '.join(sorted(known))}" for key in values if key not in known]
+    kwargs = {}
+    for key, value in values.items():
+        if key in known:
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except TypeError as e:
+                problems.append(f"{key}: {value!r} is not {e}")
+    return kwargs, problems
+
+
+def _coerce(value, hint):
+    """Return `value` as type `hint`, or raise TypeError naming what was expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise TypeError(f"one of {list(args)}")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"a list of {args[0].__name__}")
+        return tuple(_coerce(v, args[0]) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("a string")
+    raise TypeError(f"a {hint}")
+
+
+_SECTIONS = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def dump(cfg: RunConfig) -> str:
+    """The resolved config as YAML (tuples written as lists)."""
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

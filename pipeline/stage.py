@@ -1,0 +1,113 @@
+"""The stage contract: manifests, fingerprints and atomic writes (DESIGN.md §1).
+
+A stage is done iff its manifest exists and records the fingerprint the current config gives it.
+The manifest is written last, through a temp file and a rename, so a killed stage leaves none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "sentencepiece", "mlflow", "apt-pipeline")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: what it reads, what it consumes, how it runs."""
+
+    name: str
+    sections: tuple[str, ...]
+    """Config sections the stage reads; they (and its inputs' fingerprints) make its fingerprint."""
+    inputs: tuple[str, ...]
+    """Earlier stages whose outputs it reads."""
+    run: Callable
+    """`run(cfg, run_dir) -> dict` of summary figures; `cfg` holds only `sections`."""
+    distributed: bool = False
+
+
+def fingerprint(sections: dict, input_fingerprints: dict[str, str]) -> str:
+    """sha256 over the stage's config sections and the fingerprints of what it consumed."""
+    payload = json.dumps({"config": sections, "inputs": input_fingerprints}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_done(stage_dir: Path, expected_fingerprint: str) -> bool:
+    """Done = a manifest with this fingerprint whose recorded outputs all still exist."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None or manifest.get("fingerprint") != expected_fingerprint:
+        return False
+    return all((stage_dir / rel).is_file() for rel in manifest.get("outputs", {}))
+
+
+def write_manifest(stage_dir: Path, *, stage: str, fingerprint: str, inputs: dict[str, str], world_size: int,
+                   started: float, summary: dict) -> dict:
+    """Hash every file the stage wrote and record it all; this is the stage's last write."""
+    outputs = {
+        str(p.relative_to(stage_dir)): sha256_file(p)
+        for p in sorted(stage_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "versions": package_versions(),
+        "world_size": world_size,
+        "started": started,
+        "finished": time.time(),
+        "outputs": outputs,
+        "summary": summary,
+    }
+    write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return manifest
+

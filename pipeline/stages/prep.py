@@ -1,0 +1,224 @@
+"""prep: load the corpus, get a tokenizer (or train one), tokenize, pack, split, save.
+
+Writes `prep/tokenizer/` (a HF tokenizer) and `prep/dataset/{train,validation}` (columns
+`input_ids` and `labels`, every row exactly `seq_len` long; labels are -100 where no loss is taken).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import sentencepiece as spm
+from transformers import AutoConfig, AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+from pipeline.dist import get_logger
+
+SECTIONS = ("data", "tokenizer", "model", "run")
+DATA_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+log = get_logger("apt.prep")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    stage_dir = run_dir / "prep"
+    data, model = cfg.data, cfg.model
+    files = data_files(data.sources) if data.hub_name is None else []
+    check_seq_len(data.seq_len, model)
+
+    raw = load_corpus(data, files)
+    if len(raw) == 0:
+        raise ValueError(f"data: the corpus {data.hub_name or list(data.sources)} has no records")
+    log.info("corpus: %d documents from %s", len(raw), data.hub_name or ", ".join(map(str, files)))
+
+    tokenizer = get_tokenizer(cfg.tokenizer, raw, data, stage_dir / "tokenizer")
+    check_vocab(tokenizer, model)
+
+    split = raw.train_test_split(test_size=data.validation_fraction, seed=cfg.run.seed)
+    encode = pack_text if data.format == "text" else encode_instruction
+    fn_kwargs = {"tokenizer": tokenizer, "data": data}
+    splits = {}
+    for name, part in (("train", split["train"]), ("validation", split["test"])):
+        splits[name] = part.map(encode, batched=True, fn_kwargs=fn_kwargs, remove_columns=part.column_names,
+                                num_proc=min(data.num_proc, max(1, len(part) // 2)), desc=f"tokenize {name}")
+        if len(splits[name]) == 0:
+            raise ValueError(f"data: the {name} split holds no {data.seq_len}-token block; "
+                             f"lower data.seq_len or add text")
+    dataset = datasets.DatasetDict(splits)
+
+    tmp = stage_dir / ".dataset.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    shutil.rmtree(stage_dir / "dataset", ignore_errors=True)
+    os.replace(tmp, stage_dir / "dataset")
+
+    summary = {"documents": len(raw), "vocab_size": len(tokenizer), "seq_len": data.seq_len}
+    for name, part in splits.items():
+        summary[f"{name}_blocks"] = len(part)
+        summary[f"{name}_tokens"] = len(part) * data.seq_len
+    log.info("prep: %d documents -> %d train / %d validation blocks of %d tokens (%d train tokens)",
+             len(raw), summary["train_blocks"], summary["validation_blocks"], data.seq_len, summary["train_tokens"])
+    return summary
+
+
+def data_files(sources) -> list[Path]:
+    """Expand files and folders into the data files they hold, refusing what prep cannot read."""
+    files = []
+    for source in map(Path, sources):
+        if not source.exists():
+            raise FileNotFoundError(f"data.sources: {source} does not exist")
+        found = sorted(p for p in source.rglob("*") if p.suffix in DATA_SUFFIXES) if source.is_dir() else [source]
+        if not found:
+            raise ValueError(f"data.sources: {source} holds no {'/'.join(DATA_SUFFIXES)} files")
+        for path in found:
+            if path.suffix not in DATA_SUFFIXES:
+                raise ValueError(f"data.sources: {path} is not one of {', '.join(DATA_SUFFIXES)}")
+        files += found
+    if all(p.stat().st_size == 0 for p in files):
+        raise ValueError(f"data.sources: {[str(p) for p in files]} are empty; the corpus has no text")
+    kinds = {DATA_SUFFIXES[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"data.sources: mixes {sorted(kinds)} files; give one kind per run")
+    return files
+
+
+def check_seq_len(seq_len: int, model) -> None:
+    if model.path is not None:
+        config_path = Path(model.path) / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"model.path: {config_path} not found; is {model.path} a from_pretrained folder?")
+        max_positions = AutoConfig.from_pretrained(model.path).max_position_embeddings
+    else:
+        max_positions = model.max_position_embeddings
+    if seq_len > max_positions:
+        raise ValueError(f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model) -> None:
+    vocab = AutoConfig.from_pretrained(model.path).vocab_size if model.path else model.vocab_size
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {vocab}; "
+                         f"use the model's own tokenizer or a smaller tokenizer.vocab_size")
+
+
+def load_corpus(data, files: list[Path]) -> datasets.Dataset:
+    if data.hub_name is not None:
+        corpus = datasets.load_dataset(data.hub_name, data.hub_config, split=data.hub_split)
+    else:
+        kind = DATA_SUFFIXES[files[0].suffix]
+        kwargs = {"sample_by": data.text_unit} if kind == "text" else {}
+        try:
+            corpus = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **kwargs)
+        except Exception as e:
+            raise ValueError(f"data.sources: could not read {[str(f) for f in files]} as {kind}: {e}") from e
+    if data.format == "text":
+        if data.text_field not in corpus.column_names:
+            raise ValueError(f"data.text_field: {data.text_field!r} not in the corpus columns {corpus.column_names}")
+        corpus = corpus.select_columns([data.text_field]).filter(lambda r: bool(r[data.text_field].strip()))
+    return corpus
+
+
+def get_tokenizer(section, corpus: datasets.Dataset, data, out_dir: Path) -> PreTrainedTokenizerBase:
+    """Load the configured tokenizer, or train SentencePiece BPE on the corpus; save it to `out_dir`."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    if section.path is None:
+        model_proto = train_sentencepiece(corpus_lines(corpus, data, section.train_sentences), section.vocab_size)
+        (out_dir / "tokenizer.model").write_bytes(model_proto)
+        tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True)
+        log.info("trained a SentencePiece BPE tokenizer with %d pieces (asked for %d)", len(tokenizer),
+                 section.vocab_size)
+    elif Path(section.path).is_file():
+        shutil.copy(section.path, out_dir / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(section.path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer: {section.path} has no EOS token; prep needs one to separate documents")
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def corpus_lines(corpus: datasets.Dataset, data, limit: int):
+    """Non-empty lines of the corpus text (chat message contents included), at most `limit`."""
+    count = 0
+    for record in corpus:
+        texts = [record[data.text_field]] if data.format == "text" else [
+            m["content"] for m in record.get("messages") or []] + [
+            str(v) for k, v in record.items() if k != "messages" and isinstance(v, str)]
+        for line in "\n".join(texts).splitlines():
+            if line.strip():
+                yield line
+                count += 1
+                if count >= limit:
+                    return
+
+
+def train_sentencepiece(lines, vocab_size: int) -> bytes:
+    """BPE with byte fallback and identity normalisation, so HF and SentencePiece ids agree exactly."""
+    lines = list(lines)
+    if not lines:
+        raise ValueError("tokenizer: the corpus has no text to train a tokenizer on; set tokenizer.path")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
+        num_threads=1, minloglevel=2, hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary
+    )
+    return model.getvalue()
+
+
+def pack_text(batch: dict, tokenizer: PreTrainedTokenizerBase, data) -> dict:
+    """Concatenate documents with EOS between them and cut into seq_len blocks (the tail is dropped)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(batch[data.text_field], add_special_tokens=True)["input_ids"]:
+        stream += ids + [eos]
+    n = len(stream) // data.seq_len
+    blocks = [stream[i * data.seq_len:(i + 1) * data.seq_len] for i in range(n)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def encode_instruction(batch: dict, tokenizer: PreTrainedTokenizerBase, data) -> dict:
+    """One example per row, padded or cut to seq_len; loss only on the answer tokens.
+
+    Records whose prompt alone fills seq_len are dropped (the summary's block count shows it)."""
+    rows = len(next(iter(batch.values())))
+    input_ids, labels = [], []
+    for i in range(rows):
+        prompt, answer, templated = render_instruction({k: v[i] for k, v in batch.items()}, tokenizer)
+        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) >= data.seq_len:
+            continue  # no answer token would survive the cut: nothing to learn from this record
+        ids = (prompt_ids + answer_ids)[:data.seq_len]
+        target = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:data.seq_len]
+        pad = data.seq_len - len(ids)
+        input_ids.append(ids + [tokenizer.eos_token_id] * pad)
+        labels.append(target + [IGNORE_INDEX] * pad)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def render_instruction(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, bool]:
+    """(prompt, answer, templated) of an Alpaca or a chat `messages` record; a chat template adds its own BOS."""
+    if record.get("messages"):
+        messages = record["messages"]
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"data: a chat record must end with an assistant message, got {messages[-1]['role']!r}")
+        if not tokenizer.chat_template:
+            raise ValueError("data: chat `messages` records need a tokenizer with a chat template "
+                             "(set tokenizer.path to one) or Alpaca instruction/input/output records")
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, messages[-1]["content"], True
+    if "instruction" not in record or "output" not in record:
+        raise ValueError(f"data: instruction records need instruction/output fields or messages; got {sorted(record)}")
+    extra = record.get("input") or ""
+    input_block = f"### Input:\n{extra}\n\n" if extra else ""
+    return ALPACA_PROMPT.format(instruction=record["instruction"], input_block=input_block), record["output"], False
+

@@ -1,0 +1,58 @@
+"""Fixtures shared by every test folder: offline settings, a small corpus, a tiny run config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach a hub, and DeepSpeed runs on the CPU with gloo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    """Config paths (data/, ds_configs/) are relative to the repository, as in the README."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first 12 documents of the bundled corpus: real text, fast to prep."""
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    lines = (REPO / "data" / "python-docs.jsonl").read_text().splitlines()[:12]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, small_corpus):
+    """Build a tiny RunConfig in tmp_path: `tiny_config("train.steps=5", ...)`."""
+
+    def make(*overrides: str) -> config_lib.RunConfig:
+        base = [f"run.root={tmp_path / 'runs'}", f"data.sources=[{small_corpus}]", "data.num_proc=1"]
+        return config_lib.load(REPO / "configs" / "tiny.yaml", [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """Write records as a .jsonl file in tmp_path and return its path."""
+
+    def write(name: str, records: list[dict]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    return write

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.apt.masks import MaskSet
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -22,7 +26,9 @@ class ModelShape:
     intermediate_size: int
     tie_word_embeddings: bool
     qkv_bias: bool
-    """Qwen2 has biases on q/k/v; LLaMA and Mistral have none."""
+    """Biases on q/k/v: Qwen2 always, LLaMA with attention_bias=True, Mistral never."""
+    o_proj_bias: bool = False
+    """Bias on o_proj: only LLaMA with attention_bias=True (Qwen2's o_proj has none)."""
 
     @property
     def group_size(self) -> int:
@@ -44,7 +50,8 @@ class ModelShape:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        # Only LLaMA's modeling code reads attention_bias, and there it covers o_proj too.
+        llama_bias = model_type == "llama" and bool(getattr(config, "attention_bias", False))
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -54,5 +61,92 @@ class ModelShape:
             head_dim=head_dim,
             intermediate_size=config.intermediate_size,
             tie_word_embeddings=bool(config.tie_word_embeddings),
-            qkv_bias=qkv_bias,
+            qkv_bias=model_type == "qwen2" or llama_bias,
+            o_proj_bias=llama_bias,
         )
+
+
+@dataclass(frozen=True)
+class KeptSizes:
+    """Kept hidden channels, and per layer the kept query heads, KV heads and MLP neurons."""
+
+    hidden: int
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    neurons: tuple[int, ...]
+
+    @classmethod
+    def full(cls, shape: ModelShape) -> KeptSizes:
+        """The unpruned sizes."""
+        layers = shape.num_layers
+        return cls(
+            hidden=shape.hidden_size,
+            heads=(shape.num_heads,) * layers,
+            kv_heads=(shape.num_kv_heads,) * layers,
+            neurons=(shape.intermediate_size,) * layers,
+        )
+
+
+def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons):
+    """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over layers.
+
+    The count is linear in the per-layer sizes, so layer totals suffice; works on ints and on tensors alike.
+    """
+    embeddings = shape.vocab_size * (1 if shape.tie_word_embeddings else 2)
+    norms = 2 * shape.num_layers + 1
+    o_biases = shape.num_layers if shape.o_proj_bias else 0
+    # q rows + o columns per query head, k + v rows per KV head, gate + up rows + down column per neuron.
+    per_hidden_channel = embeddings + norms + o_biases + 2 * shape.head_dim * (heads + kv_heads) + 3 * neurons
+    qkv_biases = shape.head_dim * (heads + 2 * kv_heads) if shape.qkv_bias else 0
+    return hidden * per_hidden_channel + qkv_biases
+
+
+def remaining_params(shape: ModelShape, kept: KeptSizes) -> int:
+    """Parameters of the model physically pruned to `kept` (DESIGN.md §2's exact formula)."""
+    for name in ("heads", "kv_heads", "neurons"):
+        if len(getattr(kept, name)) != shape.num_layers:
+            raise ValueError(f"kept.{name} has {len(getattr(kept, name))} entries, expected {shape.num_layers}")
+    return count_params(
+        shape, hidden=kept.hidden, heads=sum(kept.heads), kv_heads=sum(kept.kv_heads), neurons=sum(kept.neurons)
+    )
+
+
+def total_params(shape: ModelShape) -> int:
+    """Parameters of the unpruned model."""
+    return remaining_params(shape, KeptSizes.full(shape))
+
+
+def params_per_query_head(shape: ModelShape) -> int:
+    """Parameters one query head owns at full size: its q rows, o columns and q bias."""
+    return 2 * shape.hidden_size * shape.head_dim + (shape.head_dim if shape.qkv_bias else 0)
+
+
+def params_per_group(shape: ModelShape) -> int:
+    """Parameters one KV group owns at full size: its g query heads plus its k and v rows (and biases)."""
+    kv_head = 2 * shape.hidden_size * shape.head_dim + (2 * shape.head_dim if shape.qkv_bias else 0)
+    return shape.group_size * params_per_query_head(shape) + kv_head
+
+
+def params_per_neuron(shape: ModelShape) -> int:
+    """Parameters one SwiGLU neuron owns at full size: gate row, up row, down column."""
+    return 3 * shape.hidden_size
+
+
+def params_per_hidden_channel(shape: ModelShape) -> int:
+    """Parameters one residual channel owns at full size, across embeddings, norms and every layer."""
+    layers = shape.num_layers
+    full = dict(
+        heads=layers * shape.num_heads, kv_heads=layers * shape.num_kv_heads, neurons=layers * shape.intermediate_size
+    )
+    # The count is affine in the hidden size; its slope is what one channel owns.
+    return count_params(shape, hidden=1, **full) - count_params(shape, hidden=0, **full)
+
+
+def kept_sizes(masks: MaskSet) -> KeptSizes:
+    """Count the blocks still present (mask > 0); for binary masks these are the kept ones."""
+    return KeptSizes(
+        hidden=int((masks.hidden_mask > 0).sum()),
+        heads=tuple((masks.head_mask > 0).sum(dim=1).tolist()),
+        kv_heads=tuple((masks.kv_mask > 0).sum(dim=1).tolist()),
+        neurons=tuple((masks.neuron_mask > 0).sum(dim=1).tolist()),
+    )

@@ -1,0 +1,200 @@
+"""Outlier-aware salience from running sums, mergeable across batches and ranks (DESIGN.md §3).
+
+Per channel c of a block's activation H (taken before its mask, with ∂L/∂H of that same tensor):
+`S_c = Σ|∂L/∂H_c| · Σ|H_c| + sqrt(Kurt(H_c))`, Kurt = m4 / m2² (Pearson) of H itself — the seeds' form, not the
+official APT code's kurtosis of W_:j ∘ X_j — because raw moment sums merge exactly under one SUM all-reduce.
+Nothing is stored per token: hooks add to per-channel sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+from torch import nn
+
+from pipeline.apt.adapters import ChannelMask
+from pipeline.apt.blocks import ModelShape
+
+BLOCKS = ("attention", "mlp", "hidden")
+STATS = ("act_abs", "grad_abs", "count", "sum1", "sum2", "sum3", "sum4")
+"""Σ|H|, Σ|∂L/∂H|, n, Σx, Σx², Σx³, Σx⁴ per channel (n per row: every channel of a row sees the same tokens)."""
+
+
+@dataclass
+class SalienceScores:
+    """Block salience: per query head [L, n_q], per neuron [L, f], per residual channel [d]."""
+
+    head: torch.Tensor
+    neuron: torch.Tensor
+    hidden: torch.Tensor
+
+
+def ema_update(prev: SalienceScores | None, new: SalienceScores, momentum: float) -> SalienceScores:
+    """`momentum · prev + (1 − momentum) · new`; the first update (prev None) is `new` itself."""
+    if prev is None:
+        return new
+    return SalienceScores(
+        **{f.name: momentum * getattr(prev, f.name) + (1 - momentum) * getattr(new, f.name) for f in fields(new)}
+    )
+
+
+def kurtosis_from_moments(
+    count: torch.Tensor, sum1: torch.Tensor, sum2: torch.Tensor, sum3: torch.Tensor, sum4: torch.Tensor
+) -> torch.Tensor:
+    """Pearson kurtosis m4 / m2² from raw power sums (float64); 0 where a channel has no spread or no data."""
+    n = count.clamp_min(1)
+    mean = sum1 / n
+    raw2, raw3, raw4 = sum2 / n, sum3 / n, sum4 / n
+    m2 = raw2 - mean**2
+    m4 = raw4 - 4 * mean * raw3 + 6 * mean**2 * raw2 - 3 * mean**4
+    has_spread = m2 > 0
+    safe_m2 = torch.where(has_spread, m2, torch.ones_like(m2))
+    return torch.where(has_spread, m4 / safe_m2**2, torch.zeros_like(m2))
+
+
+class SalienceAccumulator:
+    """Per-channel sums for the attention (o_proj input), mlp (down_proj input) and hidden (residual) blocks.
+
+    `attach(model)` hooks every `ChannelMask` of an APT-wrapped model; `pack()` gives one flat float64 buffer
+    for a single SUM all-reduce, `load_packed()` takes the reduced buffer back. Collect without activation
+    checkpointing: its recomputed forward would count activations twice.
+    """
+
+    def __init__(self, shape: ModelShape, device: torch.device | str | None = None):
+        self.shape = shape
+        self.enabled = True
+        self.grad_scale = 1.0
+        """Divisor for captured gradients: the fp16 loss scale, so sums hold true gradients."""
+        channels = {
+            "attention": (shape.num_layers, shape.num_heads * shape.head_dim),
+            "mlp": (shape.num_layers, shape.intermediate_size),
+            "hidden": (1, shape.hidden_size),  # one row: embedding and every sublayer output pooled
+        }
+        self.sums = {
+            block: {
+                stat: torch.zeros(rows if stat == "count" else (rows, width), dtype=torch.float64, device=device)
+                for stat in STATS
+            }
+            for block, (rows, width) in channels.items()
+        }
+        self._handles = []
+
+    # ---- accumulation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_activations(self, block: str, row: int, h: torch.Tensor) -> None:
+        """Add a batch of activations [..., C] of one block row to the sums."""
+        sums = self.sums[block]
+        flat = h.detach().reshape(-1, h.shape[-1])
+        # Float64 for the power sums: central moments come from raw ones by cancellation.
+        x = flat.to(torch.float64)
+        x2 = x * x
+        sums["count"][row] += flat.shape[0]
+        for stat, power in (("act_abs", x.abs()), ("sum1", x), ("sum2", x2), ("sum3", x2 * x), ("sum4", x2 * x2)):
+            sums[stat][row] += power.sum(0).to(sums[stat].device)
+
+    @torch.no_grad()
+    def add_gradients(self, block: str, row: int, grad: torch.Tensor) -> None:
+        """Add a batch of gradients ∂L/∂H [..., C] of one block row, divided by `grad_scale`."""
+        grad_abs = self.sums[block]["grad_abs"]
+        batch_sum = grad.reshape(-1, grad.shape[-1]).float().abs().sum(0).to(torch.float64)
+        grad_abs[row] += batch_sum.to(grad_abs.device) / self.grad_scale
+
+    # ---- hooks --------------------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook every mask site of an APT-wrapped model (`inject_adapters`)."""
+        if self._handles:
+            raise RuntimeError("the accumulator is already attached")
+        for module in model.modules():
+            if isinstance(module, ChannelMask):
+                row = 0 if module.block == "hidden" else module.layer
+                hook = partial(self._on_mask_input, module.block, row)
+                self._handles.append(module.register_forward_pre_hook(hook))
+        if not self._handles:
+            raise ValueError("the model has no mask sites; call inject_adapters first")
+
+    def detach(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_mask_input(self, block: str, row: int, module: nn.Module, args: tuple) -> tuple | None:
+        # Only passes that will be differentiated count (evaluation under no_grad does not), so the
+        # activation and gradient sums describe the same tokens.
+        if not self.enabled or not torch.is_grad_enabled():
+            return None
+        (h,) = args
+        if not h.requires_grad:
+            # Nothing upstream trains (e.g. the frozen embedding), so autograd would never form ∂L/∂H: make H a
+            # leaf that requires grad; the graph below it is unchanged.
+            h = h.detach().requires_grad_()
+        self.add_activations(block, row, h)
+        h.register_hook(partial(self._on_grad, block, row))
+        return (h,)
+
+    def _on_grad(self, block: str, row: int, grad: torch.Tensor) -> None:
+        self.add_gradients(block, row, grad)
+
+    # ---- merge, checkpoint --------------------------------------------------------------------------------
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.sums[block][stat] for block in BLOCKS for stat in STATS]
+
+    def pack(self) -> torch.Tensor:
+        """Every sum in one flat float64 tensor, in a fixed order, for one SUM all-reduce."""
+        return torch.cat([t.reshape(-1) for t in self._tensors()])
+
+    @torch.no_grad()
+    def load_packed(self, flat: torch.Tensor) -> None:
+        """Replace every sum by the matching slice of a `pack()`-shaped buffer (e.g. after the all-reduce)."""
+        tensors = self._tensors()
+        expected = sum(t.numel() for t in tensors)
+        if flat.numel() != expected:
+            raise ValueError(f"packed buffer has {flat.numel()} elements; expected {expected}")
+        for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            tensor.copy_(chunk.view_as(tensor))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero every sum."""
+        for tensor in self._tensors():
+            tensor.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the sums, keyed `"<block>.<stat>"`."""
+        return {f"{block}.{stat}": self.sums[block][stat].clone() for block in BLOCKS for stat in STATS}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load sums saved by `state_dict` (same keys and shapes)."""
+        expected = {f"{block}.{stat}" for block in BLOCKS for stat in STATS}
+        if set(state) != expected:
+            raise KeyError(
+                f"salience state keys differ: missing {sorted(expected - set(state))}, "
+                f"unexpected {sorted(set(state) - expected)}"
+            )
+        for key, value in state.items():
+            block, stat = key.split(".")
+            target = self.sums[block][stat]
+            if value.shape != target.shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}; expected {tuple(target.shape)}")
+            target.copy_(value)
+
+    # ---- scores -------------------------------------------------------------------------------------------
+
+    def channel_scores(self, block: str) -> torch.Tensor:
+        """S_c = Σ|∂L/∂H_c|·Σ|H_c| + sqrt(Kurt(H_c)) for every channel of a block, [rows, C] float64."""
+        sums = self.sums[block]
+        kurtosis = kurtosis_from_moments(sums["count"][:, None], sums["sum1"], sums["sum2"], sums["sum3"], sums["sum4"])
+        # Rounding can leave a tiny negative m4 for near-constant channels.
+        return sums["grad_abs"] * sums["act_abs"] + kurtosis.clamp_min(0).sqrt()
+
+    def scores(self) -> SalienceScores:
+        """Block salience: each query head sums its head_dim channels; neurons and hidden channels are single."""
+        shape = self.shape
+        head = self.channel_scores("attention").view(shape.num_layers, shape.num_heads, shape.head_dim).sum(-1)
+        return SalienceScores(head=head, neuron=self.channel_scores("mlp"), hidden=self.channel_scores("hidden")[0])

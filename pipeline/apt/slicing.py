@@ -1,0 +1,199 @@
+"""Physical removal of masked query heads, KV heads, neurons and hidden channels (DESIGN.md §2, §6).
+
+`slice_model` works in place on a plain HF Llama/Mistral/Qwen2 causal LM, and on an APT-wrapped one (compaction)
+as long as every layer keeps the same counts, since the model's masks must stay rectangular [L, ·]; for
+per-layer sizes merge the adapters first (`adapters.merge_adapters`), then slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.apt.adapters import APTLinear, MaskStore
+from pipeline.apt.masks import MaskSet
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """Indices one decoder layer keeps: query heads, KV heads, neurons."""
+
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    neurons: torch.Tensor
+
+    def sizes(self) -> dict[str, int]:
+        """The layer's config attributes after slicing."""
+        return {
+            "num_attention_heads": self.heads.numel(),
+            "num_key_value_heads": self.kv_heads.numel(),
+            "intermediate_size": self.neurons.numel(),
+        }
+
+
+def kept_indices(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Indices where a binary mask is 1; refuses fractional masks."""
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name} is not binary; slicing needs masks of exactly 0 or 1")
+    return mask.nonzero().flatten()
+
+
+def plan_layer(layer_index: int, head_row: torch.Tensor, kv_row: torch.Tensor, neuron_row: torch.Tensor) -> LayerKeep:
+    """Kept indices of one layer, checking GQA consistency: no query head without its KV head, the same
+    number of query heads under every kept KV head, at least one of each."""
+    heads = kept_indices(head_row, f"head_mask[{layer_index}]")
+    kv_heads = kept_indices(kv_row, f"kv_mask[{layer_index}]")
+    neurons = kept_indices(neuron_row, f"neuron_mask[{layer_index}]")
+    group_size = head_row.numel() // kv_row.numel()
+    heads_per_kv = torch.bincount(heads // group_size, minlength=kv_row.numel())
+    if heads.numel() == 0 or neurons.numel() == 0:
+        raise ValueError(f"layer {layer_index} would keep no query head or no neuron")
+    if heads_per_kv[kv_row == 0].any():
+        raise ValueError(f"layer {layer_index} keeps a query head whose KV head is pruned")
+    if not torch.all(heads_per_kv[kv_heads] == heads_per_kv[kv_heads[0]]):
+        raise ValueError(
+            f"layer {layer_index} keeps {heads_per_kv[kv_heads].tolist()} query heads per kept KV group; "
+            "an exported model needs the same number in every group"
+        )
+    return LayerKeep(heads, kv_heads, neurons)
+
+
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Channel indices of whole heads in a [heads · head_dim] projection."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
+    """Remove every unit whose binary mask is 0, in place, and update the config and module attributes.
+
+    Layers may keep different counts (per-layer layout). The config then carries layer 0's sizes; the other
+    layers' sizes come from `per_layer_config(model)`.
+    """
+    decoder = model.model
+    head_dim = decoder.layers[0].self_attn.head_dim
+    hidden = kept_indices(masks.hidden_mask, "hidden_mask")
+    if hidden.numel() == 0:
+        raise ValueError("hidden_mask keeps no channel")
+    plans = []
+    for index, layer in enumerate(decoder.layers):
+        widths = {
+            "head_mask": masks.head_mask[index],
+            "kv_mask": masks.kv_mask[index],
+            "neuron_mask": masks.neuron_mask[index],
+        }
+        for (name, row), (attribute, size) in zip(widths.items(), layer_sizes(layer).items(), strict=True):
+            if row.numel() != size:
+                raise ValueError(f"{name}[{index}] has {row.numel()} entries; the layer has {attribute}={size}")
+        plans.append(plan_layer(index, *widths.values()))
+    store: MaskStore | None = getattr(model, "apt_masks", None)
+    if store is not None:
+        if len({tuple(plan.sizes().values()) for plan in plans}) > 1:
+            raise ValueError(
+                "an APT-wrapped model keeps rectangular masks: slice it with the same kept counts in "
+                "every layer, or merge the adapters first"
+            )
+        store.replace(_sliced_masks(store.as_mask_set(), plans, hidden))
+
+    for layer, plan in zip(decoder.layers, plans, strict=True):
+        _slice_layer(layer, plan, hidden, head_dim)
+    _slice_embeddings(model, hidden)
+    _slice_vector(decoder.norm, hidden)
+    _update_config(model.config, hidden.numel(), head_dim, plans[0])
+    return model
+
+
+def per_layer_config(model: nn.Module) -> dict[int, dict[str, int]]:
+    """Layers whose sizes differ from the config's, in transformers' `per_layer_config` format (index → overrides)."""
+    config = model.config
+    overrides = {}
+    for index, layer in enumerate(model.model.layers):
+        differing = {key: value for key, value in layer_sizes(layer).items() if getattr(config, key) != value}
+        if differing:
+            overrides[index] = differing
+    return overrides
+
+
+def layer_sizes(layer: nn.Module) -> dict[str, int]:
+    """A decoder layer's head, KV-head and neuron counts, read from its projections' shapes."""
+    attention, head_dim = layer.self_attn, layer.self_attn.head_dim
+    return {
+        "num_attention_heads": attention.q_proj.out_features // head_dim,
+        "num_key_value_heads": attention.k_proj.out_features // head_dim,
+        "intermediate_size": layer.mlp.up_proj.out_features,
+    }
+
+
+def _sliced_masks(masks: MaskSet, plans: list[LayerKeep], hidden: torch.Tensor) -> MaskSet:
+    """The store's current (possibly fractional) values at the kept positions; rectangular by precondition."""
+    return MaskSet(
+        head_mask=torch.stack([masks.head_mask[i, plan.heads] for i, plan in enumerate(plans)]),
+        kv_mask=torch.stack([masks.kv_mask[i, plan.kv_heads] for i, plan in enumerate(plans)]),
+        neuron_mask=torch.stack([masks.neuron_mask[i, plan.neurons] for i, plan in enumerate(plans)]),
+        hidden_mask=masks.hidden_mask[hidden],
+    )
+
+
+def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> None:
+    attention, mlp = layer.self_attn, layer.mlp
+    query_channels = head_channels(plan.heads, head_dim)
+    kv_channels = head_channels(plan.kv_heads, head_dim)
+    _slice_projection(attention.q_proj, rows=query_channels, columns=hidden)
+    _slice_projection(attention.k_proj, rows=kv_channels, columns=hidden)
+    _slice_projection(attention.v_proj, rows=kv_channels, columns=hidden)
+    _slice_projection(attention.o_proj, rows=hidden, columns=query_channels)
+    attention.num_key_value_groups = plan.heads.numel() // plan.kv_heads.numel()
+    _slice_projection(mlp.gate_proj, rows=plan.neurons, columns=hidden)
+    _slice_projection(mlp.up_proj, rows=plan.neurons, columns=hidden)
+    _slice_projection(mlp.down_proj, rows=hidden, columns=plan.neurons)
+    mlp.intermediate_size = plan.neurons.numel()
+    mlp.hidden_size = layer.hidden_size = hidden.numel()
+    _slice_vector(layer.input_layernorm, hidden)
+    _slice_vector(layer.post_attention_layernorm, hidden)
+
+
+def _slice_projection(module: nn.Module, *, rows: torch.Tensor, columns: torch.Tensor) -> None:
+    """Keep `rows` (outputs) and `columns` (inputs) of an `nn.Linear` or an `APTLinear` (base and adapter)."""
+    linear = module.base if isinstance(module, APTLinear) else module
+    linear.weight = _sliced_parameter(linear.weight, rows, columns)
+    if linear.bias is not None:
+        linear.bias = _sliced_parameter(linear.bias, rows)
+    linear.out_features, linear.in_features = rows.numel(), columns.numel()
+    if isinstance(module, APTLinear):
+        module.out_features, module.in_features = rows.numel(), columns.numel()
+        if module.rank:
+            module.lora_A = _sliced_parameter(module.lora_A, None, columns)
+            module.lora_B = _sliced_parameter(module.lora_B, rows)
+
+
+def _slice_embeddings(model: nn.Module, hidden: torch.Tensor) -> None:
+    embedding, lm_head = model.model.embed_tokens, model.lm_head
+    tied = lm_head.weight is embedding.weight
+    embedding.weight = _sliced_parameter(embedding.weight, None, hidden)
+    embedding.embedding_dim = hidden.numel()
+    lm_head.weight = embedding.weight if tied else _sliced_parameter(lm_head.weight, None, hidden)
+    lm_head.in_features = hidden.numel()
+
+
+def _slice_vector(norm: nn.Module, hidden: torch.Tensor) -> None:
+    norm.weight = _sliced_parameter(norm.weight, hidden)
+
+
+def _sliced_parameter(
+    param: nn.Parameter, rows: torch.Tensor | None, columns: torch.Tensor | None = None
+) -> nn.Parameter:
+    data = param.detach()
+    if rows is not None:
+        data = data.index_select(0, rows.to(data.device))
+    if columns is not None:
+        data = data.index_select(1, columns.to(data.device))
+    return nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
+
+
+def _update_config(config, hidden_size: int, head_dim: int, first_layer: LayerKeep) -> None:
+    config.hidden_size = hidden_size
+    config.head_dim = head_dim  # explicit: it no longer equals hidden_size // num_attention_heads
+    for key, value in first_layer.sizes().items():
+        setattr(config, key, value)

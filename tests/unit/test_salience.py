@@ -1,0 +1,200 @@
+"""Outlier-aware salience: moments merge exactly, hooks capture pre-mask activations and their gradients."""
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from pipeline.apt.adapters import APTLinear, inject_adapters, set_masks
+from pipeline.apt.blocks import ModelShape
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update, kurtosis_from_moments
+
+SMALL = ModelShape(
+    vocab_size=16,
+    hidden_size=6,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=3,
+    intermediate_size=5,
+    tie_word_embeddings=False,
+    qkv_bias=False,
+    o_proj_bias=False,
+)
+
+
+def test_kurtosis_of_merged_chunks_equals_scipy_on_the_whole_data():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # StudentT samples from the global generator
+    # Heavy tails and an offset mean: the raw-to-central conversion must not lose precision.
+    data = 3.0 + torch.distributions.StudentT(5.0).sample((3000, SMALL.intermediate_size)).to(torch.float32)
+    data[torch.randint(3000, (20,), generator=generator)] *= 8
+    chunks = data.split([700, 1500, 800])
+    packed = []
+    for chunk in chunks:  # one accumulator per "rank", each seeing part of the data in two batches
+        rank = SalienceAccumulator(SMALL)
+        for batch in chunk.chunk(2):
+            rank.add_activations("mlp", 1, batch.view(1, -1, SMALL.intermediate_size))
+        packed.append(rank.pack())
+    merged = SalienceAccumulator(SMALL)
+    merged.load_packed(torch.stack(packed).sum(0))  # what a SUM all-reduce produces
+
+    sums = merged.sums["mlp"]
+    kurtosis = kurtosis_from_moments(
+        sums["count"][1], sums["sum1"][1], sums["sum2"][1], sums["sum3"][1], sums["sum4"][1]
+    )
+    expected = scipy.stats.kurtosis(data.double().numpy(), axis=0, fisher=False)
+    torch.testing.assert_close(kurtosis, torch.from_numpy(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums["act_abs"][1], data.double().abs().sum(0), rtol=1e-6, atol=0)
+    assert sums["count"].tolist() == [0, 3000] and sums["sum1"][0].abs().sum() == 0
+
+
+def test_channel_score_on_a_hand_computed_case():
+    accumulator = SalienceAccumulator(SMALL)
+    h = torch.zeros(4, SMALL.hidden_size)
+    h[:, 0] = torch.tensor([0.0, 0.0, 0.0, 4.0])
+    g = torch.zeros(4, SMALL.hidden_size)
+    g[:, 0] = torch.tensor([1.0, -2.0, 0.5, -0.5])
+    accumulator.add_activations("hidden", 0, h)
+    accumulator.add_gradients("hidden", 0, g)
+    # mean 1, deviations (-1, -1, -1, 3): m2 = 12/4 = 3, m4 = 84/4 = 21, Kurt = 21/9 = 7/3.
+    # Σ|g| = 4, Σ|h| = 4  ->  S = 16 + sqrt(7/3). Constant channels (all zero) score 0.
+    scores = accumulator.scores()
+    assert scores.hidden[0].item() == pytest.approx(16 + math.sqrt(7 / 3), rel=1e-12)
+    assert scores.hidden[1:].abs().sum() == 0
+
+
+def test_block_scores_sum_channels_per_head_neuron_and_hidden_channel():
+    accumulator = SalienceAccumulator(SMALL)
+    generator = torch.Generator().manual_seed(1)
+    for block, width in (("attention", 6), ("mlp", 5)):
+        for layer in range(2):
+            accumulator.add_activations(block, layer, torch.randn(9, width, generator=generator))
+            accumulator.add_gradients(block, layer, torch.randn(9, width, generator=generator))
+    scores = accumulator.scores()
+    channels = accumulator.channel_scores("attention")
+    assert scores.head.shape == (2, 2) and scores.neuron.shape == (2, 5) and scores.hidden.shape == (6,)
+    torch.testing.assert_close(scores.head[1, 0], channels[1, :3].sum())
+    torch.testing.assert_close(scores.head[0, 1], channels[0, 3:].sum())
+    torch.testing.assert_close(scores.neuron, accumulator.channel_scores("mlp"))
+
+
+def _captured_model(tiny_model):
+    """A wrapped model with gradual head/neuron masks; returns it and a dict filled by hand-made hooks."""
+    model = tiny_model("llama", num_kv_heads=2, num_layers=2)
+    inject_adapters(model, targets=["q_proj", "v_proj", "up_proj", "down_proj"], rank=2, alpha=4.0)
+    shape = ModelShape.from_config(model.config)
+    masks = MaskSet.ones(shape)
+    generator = torch.Generator().manual_seed(4)
+    masks.head_mask = torch.rand(masks.head_mask.shape, generator=generator)
+    masks.neuron_mask = torch.rand(masks.neuron_mask.shape, generator=generator)
+    set_masks(model, masks)
+    model.model.embed_tokens.weight.requires_grad_(True)  # so the hand capture can retain its output's grad
+    return model, shape
+
+
+def _capture(model):
+    """Record the tensors salience must see: o_proj/down_proj inputs (pre-mask), and the residual-stream
+    outputs (the hidden mask is all ones, so post-mask equals pre-mask in value and gradient)."""
+    captured = {"attention": [], "mlp": [], "hidden": []}
+
+    def keep(block, tensor):
+        tensor.retain_grad()
+        captured[block].append(tensor)
+
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: keep("hidden", out))
+    for layer in model.model.layers:
+        for proj, block in ((layer.self_attn.o_proj, "attention"), (layer.mlp.down_proj, "mlp")):
+            assert isinstance(proj, APTLinear)
+            proj.register_forward_pre_hook(lambda m, args, block=block: keep(block, args[0]))
+            proj.register_forward_hook(lambda m, a, out: keep("hidden", out))
+    return captured
+
+
+def test_hooks_sum_pre_mask_activations_and_their_gradients(tiny_model, input_ids):
+    model, shape = _captured_model(tiny_model)
+    accumulator = SalienceAccumulator(shape)
+    accumulator.attach(model)
+    captured = _capture(model)
+    model(input_ids, labels=input_ids).loss.backward()
+
+    def flat(tensors):
+        return [t.detach().double().reshape(-1, t.shape[-1]) for t in tensors]
+
+    for block in ("attention", "mlp"):
+        sums = accumulator.sums[block]
+        for layer, (h, g) in enumerate(zip(flat(captured[block]), flat(t.grad for t in captured[block]), strict=True)):
+            torch.testing.assert_close(sums["act_abs"][layer], h.abs().sum(0), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(sums["grad_abs"][layer], g.abs().sum(0), rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(sums["sum2"][layer], (h**2).sum(0), rtol=1e-12, atol=0)
+            torch.testing.assert_close(sums["sum3"][layer], (h**3).sum(0), rtol=1e-12, atol=1e-15)
+            assert sums["count"][layer] == h.shape[0] == input_ids.numel()
+    hidden = torch.cat(flat(captured["hidden"]))
+    hidden_grad = torch.cat(flat(t.grad for t in captured["hidden"]))
+    assert len(captured["hidden"]) == 1 + 2 * shape.num_layers
+    sums = accumulator.sums["hidden"]
+    torch.testing.assert_close(sums["act_abs"][0], hidden.abs().sum(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(sums["grad_abs"][0], hidden_grad.abs().sum(0), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(sums["sum4"][0], (hidden**4).sum(0), rtol=1e-12, atol=0)
+    assert sums["count"][0] == hidden.shape[0]
+    assert all(accumulator.sums[block]["grad_abs"].sum() > 0 for block in ("attention", "mlp", "hidden"))
+
+
+def test_frozen_embedding_output_still_gets_its_gradient(tiny_model, input_ids):
+    model, shape = _captured_model(tiny_model)
+    trainable, frozen = SalienceAccumulator(shape), SalienceAccumulator(shape)
+    trainable.attach(model)
+    model(input_ids, labels=input_ids).loss.backward()
+    trainable.detach()
+    model.model.embed_tokens.weight.requires_grad_(False)  # as after inject_adapters: nothing upstream trains
+    frozen.attach(model)
+    model(input_ids, labels=input_ids).loss.backward()
+    torch.testing.assert_close(frozen.pack(), trainable.pack(), rtol=1e-6, atol=1e-12)
+
+
+def test_grad_scale_switch_and_detach(tiny_model, input_ids):
+    model, shape = _captured_model(tiny_model)
+    reference, scaled = SalienceAccumulator(shape), SalienceAccumulator(shape)
+    reference.attach(model)
+    model(input_ids, labels=input_ids).loss.backward()
+    reference.detach()
+    scaled.attach(model)
+    scaled.grad_scale = 1024.0  # fp16 loss scaling: captured grads are divided back
+    (1024.0 * model(input_ids, labels=input_ids).loss).backward()
+    torch.testing.assert_close(scaled.pack(), reference.pack(), rtol=1e-6, atol=1e-12)
+
+    before = scaled.pack()
+    scaled.enabled = False
+    model(input_ids, labels=input_ids).loss.backward()
+    scaled.enabled = True
+    with torch.no_grad():
+        model(input_ids)
+    scaled.detach()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert torch.equal(scaled.pack(), before)
+
+
+def test_state_dict_round_trip_reset_and_packed_size_check():
+    accumulator = SalienceAccumulator(SMALL)
+    accumulator.add_activations("attention", 1, torch.randn(3, 6))
+    accumulator.add_gradients("hidden", 0, torch.randn(3, 6))
+    restored = SalienceAccumulator(SMALL)
+    restored.load_state_dict(accumulator.state_dict())
+    assert torch.equal(restored.pack(), accumulator.pack())
+    accumulator.reset()
+    assert accumulator.pack().abs().sum() == 0 and accumulator.pack().dtype == torch.float64
+    with pytest.raises(ValueError, match="packed buffer"):
+        accumulator.load_packed(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(KeyError):
+        accumulator.load_state_dict({})
+
+
+def test_ema_update_starts_from_the_first_scores():
+    first = SalienceScores(head=torch.ones(2, 2), neuron=torch.ones(2, 5), hidden=torch.ones(6))
+    second = SalienceScores(head=torch.zeros(2, 2), neuron=torch.full((2, 5), 2.0), hidden=torch.zeros(6))
+    assert ema_update(None, first, 0.85) is first
+    smoothed = ema_update(first, second, 0.85)
+    torch.testing.assert_close(smoothed.head, torch.full((2, 2), 0.85))
+    torch.testing.assert_close(smoothed.neuron, torch.full((2, 5), 0.85 + 0.15 * 2))

@@ -29,16 +29,24 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Run one stage and write its manifest, whether or not it is done.")
     stage.add_argument("name", choices=[s.name for s in driver.STAGES])
     stage.add_argument("--config", help="run config YAML (default: the embedded tiny defaults)")
+    stage.add_argument("--worker", action="store_true",
+                       help="run the stage body in this process: what each rank started by the launcher does")
     stage.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options; argparse leaves the later ones unparsed.
+    args, extra = parser.parse_known_args(argv)
+    unknown_options = [a for a in extra if a.startswith("-")]
+    if unknown_options:
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options)}")
     try:
-        cfg = config_lib.load(args.config, args.overrides)
+        cfg = config_lib.load(args.config, [*args.overrides, *extra])
     except config_lib.ConfigError as e:
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 2
     if args.command == "run":
         driver.run_pipeline(cfg, from_stage=args.from_stage)
+    elif args.worker:
+        driver.execute_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
     else:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)

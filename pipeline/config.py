@@ -7,6 +7,7 @@ what is allowed, before any stage runs. Stages receive only the sections they re
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ class PruningSection:
     """Step at which the target is reached."""
     update_every: int = 5
     """Steps between salience all-reduces and mask searches inside the window."""
-    mask_step: float = 0.05
+    mask_step: float = 0.1
     """alpha: how far a gradual mask moves toward its target per training step."""
     attention_mode: Literal["kv_group", "query_in_group"] = "kv_group"
     """kv_group: drop whole KV groups; query_in_group: keep KV heads, trim query heads evenly per group."""
@@ -210,7 +211,7 @@ class TrainSection:
     micro_batch_size: int = 4
     """Sequences per rank per forward."""
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 3
     grad_clip: float = 1.0
@@ -363,6 +364,10 @@ def from_dict(raw: dict) -> RunConfig:
     if data and model and model.path is None and data.seq_len > model.max_position_embeddings:
         problems.append(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
                         f"({model.max_position_embeddings})")
+    pruning, train = sections.get("pruning"), sections.get("train")
+    if pruning and train and train.steps < (needed := pruning.end_step + math.ceil(1 / pruning.mask_step)):
+        problems.append(f"train.steps: {train.steps} leaves masks fractional; gradual masks need "
+                        f"pruning.end_step + 1/pruning.mask_step = {needed} steps to reach exactly 0 or 1")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RunConfig)})
     problems += [f"{name}: unknown section; known: {', '.join(_SECTIONS)}" for name in unknown]
     if problems:

@@ -35,3 +35,15 @@ def get_logger(name: str = "apt") -> logging.Logger:
         logger.propagate = False
     logger.setLevel(logging.INFO if is_main() else logging.WARNING)
     return logger
+
+
+COLLECTIVE_CALLS = {"all_reduce": 0}
+"""How many all-reduces this process issued through `all_reduce_sum` (tests count them)."""
+
+
+def all_reduce_sum(tensor):
+    """SUM all-reduce in place (a no-op without a process group); the one collective of a salience update."""
+    COLLECTIVE_CALLS["all_reduce"] += 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from pipeline import config as config_lib
-from pipeline.dist import get_logger, world_size
+from pipeline.dist import get_logger, is_main, world_size
 from pipeline.stage import MANIFEST, Stage, fingerprint, is_done, read_manifest, write_atomic, write_manifest
-from pipeline.stages import prep
+from pipeline.stages import finetune, prep
 
 STAGES: tuple[Stage, ...] = (
     Stage("prep", prep.SECTIONS, (), prep.run),
+    Stage("finetune", finetune.SECTIONS, ("prep",), finetune.run, distributed=True),
 )
+RESUME_KEY = ".fingerprint"
+"""Inside a resumable stage's folder: the fingerprint its checkpoints belong to."""
 
 log = get_logger("apt.run")
 
@@ -57,18 +64,76 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
 
 
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
-    """Run one stage in this process and write its manifest last."""
+    """Run one stage: here for single-process stages, through the `deepspeed` launcher for distributed ones."""
+    if stage.distributed:
+        return launch(stage, cfg, run_dir)
+    return execute_stage(stage, cfg, run_dir)
+
+
+def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
+    """Run the stage body in this process (on every rank of a distributed stage); rank 0 writes the manifest last."""
+    stage_dir = run_dir / stage.name
+    fp = expected_fingerprint(stage, cfg, run_dir)
+    if is_main():
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        if not stage.distributed:  # a resumable stage keeps its checkpoints; the others start clean
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    summary = stage.run(cfg.select(*stage.sections), run_dir)
+    if is_main():
+        inputs = {name: read_manifest(run_dir / name)["fingerprint"] for name in stage.inputs}
+        write_manifest(stage_dir, stage=stage.name, fingerprint=fp, inputs=inputs, world_size=world_size(),
+                       started=started, summary=summary)
+        figures = " ".join(f"{k}={v}" for k, v in summary.items())
+        log.info("%-9s done in %.1fs: %s", stage.name, time.time() - started, figures)
+    return summary
+
+
+def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
+    """Start the stage on every rank with the `deepspeed` launcher, wait, and check its manifest."""
     stage_dir = run_dir / stage.name
     fp = expected_fingerprint(stage, cfg, run_dir)
     (stage_dir / MANIFEST).unlink(missing_ok=True)
-    if not stage.distributed:  # a resumable stage keeps its checkpoints; the others start clean
-        shutil.rmtree(stage_dir, ignore_errors=True)
+    key = stage_dir / RESUME_KEY
+    if key.is_file() and key.read_text() != fp:
+        log.info("%s: config changed since its checkpoints were written; starting it over", stage.name)
+        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(key, fp)
+    config_path = run_dir / "config.yaml"
+    write_atomic(config_path, config_lib.dump(cfg))
+    command = deepspeed_command(cfg.deepspeed, stage.name, config_path)
+    log.info("%-9s launching: %s", stage.name, shlex.join(command))
     started = time.time()
-    summary = stage.run(cfg.select(*stage.sections), run_dir)
-    inputs = {name: read_manifest(run_dir / name)["fingerprint"] for name in stage.inputs}
-    write_manifest(stage_dir, stage=stage.name, fingerprint=fp, inputs=inputs, world_size=world_size(),
-                   started=started, summary=summary)
-    figures = " ".join(f"{k}={v}" for k, v in summary.items())
-    log.info("%-9s done in %.1fs: %s", stage.name, time.time() - started, figures)
-    return summary
+    env = os.environ.copy()
+    if not _has_cuda():  # CPU ranks share the cores; oversubscribed BLAS threads make steps erratic
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.deepspeed.num_gpus)))
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"stage {stage.name} failed (exit code {result.returncode}); see the log above. "
+                           f"Running the same command again resumes it from its last checkpoint.")
+    manifest = read_manifest(stage_dir)
+    if manifest is None or manifest["fingerprint"] != fp:
+        raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {stage_dir}")
+    log.info("%-9s finished in %.1fs", stage.name, time.time() - started)
+    return manifest["summary"]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def deepspeed_command(section: config_lib.DeepSpeedSection, stage_name: str, config_path: Path) -> list[str]:
+    """The launcher command line for one distributed stage; it is logged so a user can rerun it by hand."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    command = [str(launcher) if launcher.exists() else "deepspeed",
+               "--num_nodes", str(section.num_nodes), "--num_gpus", str(section.num_gpus),
+               "--master_port", str(section.master_port), "--no_local_rank"]
+    if section.hostfile is not None:
+        command += ["--hostfile", section.hostfile]
+    command += [*section.launcher_args, "--module", "pipeline.cli", "stage", stage_name, "--worker",
+                "--config", str(config_path)]
+    return command

@@ -1,0 +1,150 @@
+"""finetune under DeepSpeed on 2 real gloo ranks: training works, N ranks decide like one, resume is exact."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import free_port, spawn
+from pipeline import config as config_lib
+from pipeline import run as driver
+
+pytestmark = pytest.mark.dist
+
+FAST = ["train.steps=30", "pruning.end_step=20", "pruning.update_every=5", "pruning.mask_step=0.1",
+        "train.checkpoint_every=30", "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory, small_corpus):
+    """One prep output shared by every finetune run in this module (copied into each run directory)."""
+    root = tmp_path_factory.mktemp("prep")
+    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={root}", f"data.sources=[{small_corpus}]",
+                                                "data.num_proc=1", "data.seq_len=64"])
+    driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)
+    return cfg.run_dir / "prep"
+
+
+def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
+    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
+                                                *FAST, *overrides])
+    shutil.copytree(prep_dir, cfg.run_dir / "prep")
+    return cfg
+
+
+def finetune_rank(rank, world_size, cfg, count_collectives):
+    from pipeline.stages import finetune
+
+    if count_collectives:
+        count_collectives_per_update(finetune, cfg.run_dir / f"collectives{rank}.json")
+    driver.execute_stage(driver.stage_by_name("finetune"), cfg, cfg.run_dir)
+
+
+def count_collectives_per_update(finetune, out_path):
+    """Wrap torch.distributed's collectives and record how many each salience update issues."""
+    calls = {"inside": 0}
+    per_update = []
+    for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_gather_into_tensor"):
+        original = getattr(torch.distributed, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls["inside"] += 1
+            return _original(*args, **kwargs)
+
+        setattr(torch.distributed, name, counted)
+    update = finetune.salience_update
+
+    def counted_update(*args, **kwargs):
+        calls["inside"] = 0
+        result = update(*args, **kwargs)
+        per_update.append(calls["inside"])
+        out_path.write_text(json.dumps(per_update))
+        return result
+
+    finetune.salience_update = counted_update
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def updates(run_dir):
+    folder = run_dir / "finetune" / "updates"
+    return {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["zero2_cpu", "zero3_cpu"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loss_falls_and_target_is_met(tmp_path, prep_dir, template, precision):
+    cfg = make_config(tmp_path, prep_dir, "run", f"deepspeed.config=ds_configs/{template}.json",
+                      f"train.precision={precision}")
+    spawn(finetune_rank, 2, cfg, False)
+    curve = losses(cfg.run_dir)
+    assert len(curve) == 30
+    assert sum(curve[-10:]) / 10 < sum(curve[:3]) / 3 - 0.1, curve
+    summary = json.loads((cfg.run_dir / "finetune" / "manifest.json").read_text())["summary"]
+    assert summary["world_size"] == 2 and summary["zero_stage"] == int(template[4])
+    # The search keeps the largest set that fits; it may undershoot by at most one rounded block.
+    assert summary["remaining_fraction"] <= 0.5
+    masks = load_file(str(cfg.run_dir / "finetune" / "apt_state.safetensors"))
+    assert all(torch.isin(masks[f"masks.{k}"], torch.tensor([0.0, 1.0])).all()
+               for k in ("head_mask", "kv_mask", "neuron_mask", "hidden_mask"))
+
+
+def test_two_ranks_decide_like_one(tmp_path, prep_dir):
+    one = make_config(tmp_path, prep_dir, "one", "train.micro_batch_size=8", "train.precision=fp32")
+    two = make_config(tmp_path, prep_dir, "two", "train.micro_batch_size=4", "train.precision=fp32")
+    spawn(finetune_rank, 1, one, False)
+    spawn(finetune_rank, 2, two, True)
+    ones, twos = updates(one.run_dir), updates(two.run_dir)
+    assert list(ones) == list(twos) and len(ones) == 4  # steps 5, 10, 15, 20
+    for step in ones:
+        for key in ones[step]:
+            if key.startswith("target."):
+                assert torch.equal(ones[step][key], twos[step][key]), (step, key)
+            else:
+                torch.testing.assert_close(twos[step][key], ones[step][key], rtol=1e-5, atol=1e-9)
+    for rank in range(2):
+        per_update = json.loads((two.run_dir / f"collectives{rank}.json").read_text())
+        assert per_update == [1, 1, 1, 1]  # one all-reduce carries the salience sums and the mask checksums
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tmp_path, prep_dir):
+    common = ["train.steps=40", "train.checkpoint_every=10", "train.precision=fp32",
+              "deepspeed.config=ds_configs/zero2_cpu.json"]
+    straight = make_config(tmp_path, prep_dir, "straight", *common, f"deepspeed.master_port={free_port()}")
+    spawn(finetune_rank, 2, straight, False)
+
+    killed = make_config(tmp_path, prep_dir, "killed", *common, f"deepspeed.master_port={free_port()}")
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(config_lib.dump(killed))
+    command = [sys.executable, "-m", "pipeline.cli", "stage", "finetune", "--config", str(config_path)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed.run_dir / "finetune" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "step20"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, as when a node dies
+    proc.wait()
+    assert not (killed.run_dir / "finetune" / "manifest.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    for name in ("adapters.safetensors", "apt_state.safetensors"):
+        expected = load_file(str(straight.run_dir / "finetune" / name))
+        actual = load_file(str(killed.run_dir / "finetune" / name))
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)

@@ -201,6 +201,9 @@ class PruningSection:
             out.append(f"round_to: {self.round_to} must be >= 1")
         if self.min_hidden < 1:
             out.append(f"min_hidden: {self.min_hidden} must be >= 1")
+        if self.layout == "per_layer":
+            out.append("layout: per_layer cannot be exported yet (the merge stage writes uniform models only); "
+                       "use uniform")
         return out
 
 
@@ -266,10 +269,26 @@ class DeepSpeedSection:
 @dataclass(frozen=True)
 class SalienceSection:
     batches: int = 8
-    """Calibration batches per rank for the salience stage."""
+    """Global calibration batches (each rank reads train.micro_batch_size rows of each)."""
 
     def problems(self) -> list[str]:
         return [f"batches: {self.batches} must be >= 1"] if self.batches < 1 else []
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    batches: int = 8
+    """Validation batches for perplexity."""
+    batch_size: int = 4
+    prompt_tokens: int = 16
+    """Prompt length for the generation-speed measurement."""
+    new_tokens: int = 32
+    repeats: int = 3
+    """Timed generations per model (the median counts)."""
+
+    def problems(self) -> list[str]:
+        return [f"{name}: {getattr(self, name)} must be >= 1" for name in
+                ("batches", "batch_size", "prompt_tokens", "new_tokens", "repeats") if getattr(self, name) < 1]
 
 
 @dataclass(frozen=True)
@@ -302,6 +321,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     salience: SalienceSection = field(default_factory=SalienceSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     export: ExportSection = field(default_factory=ExportSection)
 

@@ -14,11 +14,16 @@ from pathlib import Path
 from pipeline import config as config_lib
 from pipeline.dist import get_logger, is_main, world_size
 from pipeline.stage import MANIFEST, Stage, fingerprint, is_done, read_manifest, write_atomic, write_manifest
-from pipeline.stages import finetune, prep
+from pipeline.stages import eval as eval_stage
+from pipeline.stages import finalize, finetune, merge, prep, salience
 
 STAGES: tuple[Stage, ...] = (
     Stage("prep", prep.SECTIONS, (), prep.run),
     Stage("finetune", finetune.SECTIONS, ("prep",), finetune.run, distributed=True),
+    Stage("salience", salience.SECTIONS, ("finetune",), salience.run, distributed=True),
+    Stage("finalize", finalize.SECTIONS, ("finetune", "salience"), finalize.run),
+    Stage("merge", merge.SECTIONS, ("prep", "finetune", "finalize"), merge.run),
+    Stage("eval", eval_stage.SECTIONS, ("prep", "merge"), eval_stage.run),
 )
 RESUME_KEY = ".fingerprint"
 """Inside a resumable stage's folder: the fingerprint its checkpoints belong to."""

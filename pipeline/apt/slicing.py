@@ -136,22 +136,33 @@ def _sliced_masks(masks: MaskSet, plans: list[LayerKeep], hidden: torch.Tensor) 
     )
 
 
-def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> None:
-    attention, mlp = layer.self_attn, layer.mlp
+def layer_slices(plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> dict[str, tuple]:
+    """(rows, columns) every weight of one decoder layer keeps, by module path inside the layer (None: all)."""
     query_channels = head_channels(plan.heads, head_dim)
     kv_channels = head_channels(plan.kv_heads, head_dim)
-    _slice_projection(attention.q_proj, rows=query_channels, columns=hidden)
-    _slice_projection(attention.k_proj, rows=kv_channels, columns=hidden)
-    _slice_projection(attention.v_proj, rows=kv_channels, columns=hidden)
-    _slice_projection(attention.o_proj, rows=hidden, columns=query_channels)
-    attention.num_key_value_groups = plan.heads.numel() // plan.kv_heads.numel()
-    _slice_projection(mlp.gate_proj, rows=plan.neurons, columns=hidden)
-    _slice_projection(mlp.up_proj, rows=plan.neurons, columns=hidden)
-    _slice_projection(mlp.down_proj, rows=hidden, columns=plan.neurons)
-    mlp.intermediate_size = plan.neurons.numel()
-    mlp.hidden_size = layer.hidden_size = hidden.numel()
-    _slice_vector(layer.input_layernorm, hidden)
-    _slice_vector(layer.post_attention_layernorm, hidden)
+    return {
+        "self_attn.q_proj": (query_channels, hidden),
+        "self_attn.k_proj": (kv_channels, hidden),
+        "self_attn.v_proj": (kv_channels, hidden),
+        "self_attn.o_proj": (hidden, query_channels),
+        "mlp.gate_proj": (plan.neurons, hidden),
+        "mlp.up_proj": (plan.neurons, hidden),
+        "mlp.down_proj": (hidden, plan.neurons),
+        "input_layernorm": (hidden, None),
+        "post_attention_layernorm": (hidden, None),
+    }
+
+
+def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> None:
+    for path, (rows, columns) in layer_slices(plan, hidden, head_dim).items():
+        module = layer.get_submodule(path)
+        if columns is None:
+            _slice_vector(module, rows)
+        else:
+            _slice_projection(module, rows=rows, columns=columns)
+    layer.self_attn.num_key_value_groups = plan.heads.numel() // plan.kv_heads.numel()
+    layer.mlp.intermediate_size = plan.neurons.numel()
+    layer.mlp.hidden_size = layer.hidden_size = hidden.numel()
 
 
 def _slice_projection(module: nn.Module, *, rows: torch.Tensor, columns: torch.Tensor) -> None:

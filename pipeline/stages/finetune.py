@@ -24,8 +24,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations import HfDeepSpeedConfig
+from transformers import AutoTokenizer
 
 from pipeline import dist
 from pipeline.apt.adapters import inject_adapters, set_masks
@@ -35,6 +34,7 @@ from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_updat
 from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.search import search_masks
 from pipeline.ds_config import load_ds_config, zero_stage
+from pipeline.model_io import load_base_model
 from pipeline.stage import write_atomic
 from pipeline.tracking import metric_logger
 
@@ -67,7 +67,7 @@ def run(cfg, run_dir: Path) -> dict:
     splits = datasets.load_from_disk(str(run_dir / "prep" / "dataset")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, train, world_size)
 
-    model = load_base_model(cfg.model, len(tokenizer), ds_config, stage_dir, cfg.run.seed)
+    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed)
     shape = ModelShape.from_config(model.config)
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha,
                     dropout=cfg.apt.dropout, generator=torch.Generator().manual_seed(cfg.run.seed))
@@ -86,6 +86,7 @@ def run(cfg, run_dir: Path) -> dict:
     batches = BatchOrder(len(splits["train"]), train.micro_batch_size, world_size, rank, cfg.run.seed)
     metrics = metric_logger(stage_dir)
     tokens_per_step = train.micro_batch_size * train.grad_accum * world_size * splits["train"][0]["input_ids"].numel()
+    row: dict = {}
     progress = tqdm(total=train.steps, initial=state.step, desc="finetune", disable=not dist.is_main())
     while state.step < train.steps:
         started = time.perf_counter()
@@ -124,7 +125,7 @@ def run(cfg, run_dir: Path) -> dict:
     val_loss = evaluate(engine, splits["validation"], train.micro_batch_size, train.eval_batches, world_size, rank)
     salience.detach()
     kept = kept_sizes(state.masks)
-    summary = {"steps": state.step, "final_loss": row["loss"] if train.steps else None,
+    summary = {"steps": state.step, "final_loss": row.get("loss"),
                "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)),
                "remaining_fraction": remaining_params(shape, kept) / total,
                "target_remaining": pruning.target_remaining,
@@ -140,29 +141,6 @@ def run(cfg, run_dir: Path) -> dict:
 
 
 # ---- model and engine ----------------------------------------------------------------------------------
-
-
-def load_base_model(model_cfg, vocab_size: int, ds_config: dict, stage_dir: Path, seed: int):
-    """A local checkpoint, or a model built from the config and saved once for export to stream from."""
-    dtype = torch.float32  # DeepSpeed casts to bf16/fp16 itself; adapters start from fp32 values
-    if model_cfg.path is not None:
-        # Keeping this object alive makes from_pretrained build the model ZeRO-3-partitioned.
-        _ds_context = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-        return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype)
-    config = AutoConfig.for_model(
-        model_cfg.model_type, vocab_size=model_cfg.vocab_size or vocab_size, hidden_size=model_cfg.hidden_size,
-        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_heads,
-        num_key_value_heads=model_cfg.num_kv_heads, intermediate_size=model_cfg.intermediate_size,
-        max_position_embeddings=model_cfg.max_position_embeddings, tie_word_embeddings=model_cfg.tie_word_embeddings,
-    )
-    torch.manual_seed(seed)  # every rank builds the same weights, so no rank waits for another
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    base_dir = stage_dir / "base_model"
-    if dist.is_main() and not (base_dir / "config.json").is_file():
-        tmp = stage_dir / ".base_model.tmp"
-        model.save_pretrained(str(tmp))
-        os.replace(tmp, base_dir)
-    return model
 
 
 def build_engine(model, ds_config: dict, train):

@@ -1,0 +1,71 @@
+"""Loading the base model and the fine-tuned adapters, shared by the stages that need a live model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from pipeline import dist
+from pipeline.ds_config import zero_stage
+
+BUILT_BASE = "base_model"
+"""Inside finetune/: a model built from the config, saved once so later stages stream the same weights."""
+
+
+def base_model_dir(model_cfg, run_dir: Path) -> Path:
+    """Where the base weights live: the user's checkpoint, or the one finetune saved for a built model."""
+    return Path(model_cfg.path) if model_cfg.path is not None else run_dir / "finetune" / BUILT_BASE
+
+
+def build_config(model_cfg, vocab_size: int):
+    """The transformers config of a model built from the run config (no checkpoint)."""
+    return AutoConfig.for_model(
+        model_cfg.model_type, vocab_size=model_cfg.vocab_size or vocab_size, hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads, intermediate_size=model_cfg.intermediate_size,
+        max_position_embeddings=model_cfg.max_position_embeddings, tie_word_embeddings=model_cfg.tie_word_embeddings,
+    )
+
+
+def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, seed: int):
+    """The frozen base in fp32 (DeepSpeed casts it): a checkpoint, the saved built model, or a fresh build.
+
+    Under ZeRO-3 a checkpoint is loaded partitioned (HfDeepSpeedConfig), so no rank holds the whole model.
+    A fresh build uses the same seed on every rank, so no rank waits for another; rank 0 saves it once.
+    """
+    directory = base_model_dir(model_cfg, run_dir)
+    if (directory / "config.json").is_file():
+        # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
+        _ds_context = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    if model_cfg.path is not None:
+        raise FileNotFoundError(f"model.path: {directory}/config.json not found; give a from_pretrained folder")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(model_cfg, vocab_size), dtype=torch.float32)
+    if dist.is_main():
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        model.save_pretrained(str(tmp))
+        os.replace(tmp, directory)
+    return model
+
+
+def load_adapters(model, path: Path) -> None:
+    """Copy fine-tuned adapter tensors (fp32, full) into an injected model before the engine is built."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run the finetune stage first")
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"{path}: adapter tensors {missing[:3]}... do not match the model (was apt.rank changed?)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected = tuple(params[name].shape)
+            if expected != tuple(tensor.shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {expected}")
+            params[name].copy_(tensor)

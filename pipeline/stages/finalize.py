@@ -1,0 +1,99 @@
+"""finalize: binary masks at the final target, exact budget, GQA-consistent, written with a report.
+
+How the fine-tune's masks enter: blocks the fine-tune pruned stay pruned (their adapters were trained
+without them). The budget search runs on the calibration salience with those blocks ranked last, and
+its result is intersected with the fine-tune's masks. When the fine-tune reached the target (it does,
+unless its window was cut short) the result is the fine-tune's masks, now checked against the exact
+budget; otherwise the calibration salience decides which further blocks go.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from transformers import AutoConfig
+
+from pipeline import dist
+from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.search import search_masks
+from pipeline.model_io import base_model_dir
+from pipeline.stage import write_atomic
+from pipeline.stages.finetune import save_tensors
+from pipeline.stages.salience import final_masks, read_scores
+
+SECTIONS = ("model", "pruning")
+PRUNED_SCORE = -1e30
+"""Score given to blocks the fine-tune pruned: finite (no inf arithmetic), below any real salience."""
+
+log = dist.get_logger("apt.finalize")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    pruning = cfg.pruning
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir(cfg.model, run_dir))))
+    trained = final_masks(run_dir / "finetune")
+    trained.check_gqa(shape, pruning.attention_mode)
+    scores = read_scores(run_dir / "salience")
+    ranked = {
+        "head": scores["head"].masked_fill(trained.head_mask == 0, PRUNED_SCORE),
+        "neuron": scores["neuron"].masked_fill(trained.neuron_mask == 0, PRUNED_SCORE),
+        "hidden": scores["hidden"].masked_fill(trained.hidden_mask == 0, PRUNED_SCORE),
+    }
+    searched = search_masks(shape, ranked, pruning.target_remaining, attention_mode=pruning.attention_mode,
+                            layout=pruning.layout, round_to=pruning.round_to, min_hidden=pruning.min_hidden)
+    masks = MaskSet(**{name: torch.minimum(a, b) for (name, a), b in
+                       zip(searched.to_dict().items(), trained.to_dict().values(), strict=True)})
+    masks.check_gqa(shape, pruning.attention_mode)
+
+    total = total_params(shape)
+    kept = kept_sizes(masks)
+    remaining = remaining_params(shape, kept)
+    if remaining > pruning.target_remaining * total:
+        raise RuntimeError(f"finalize: masks keep {remaining} of {total} parameters, above the target "
+                           f"{pruning.target_remaining}; the fine-tune's masks do not fit the budget")
+    report = {
+        "target_remaining": pruning.target_remaining,
+        "remaining_params": remaining,
+        "total_params": total,
+        "remaining_fraction": remaining / total,
+        "kept_hidden": kept.hidden,
+        "kept_heads": list(kept.heads),
+        "kept_kv_heads": list(kept.kv_heads),
+        "kept_neurons": list(kept.neurons),
+        "layout": pruning.layout,
+        "attention_mode": pruning.attention_mode,
+        "changed_from_finetune": not all(torch.equal(a, b) for a, b in
+                                         zip(masks.to_dict().values(), trained.to_dict().values(), strict=True)),
+    }
+    stage_dir = run_dir / "finalize"
+    save_tensors(masks.to_dict(), stage_dir / "masks.safetensors")
+    write_atomic(stage_dir / "masks.json", json.dumps(report, indent=2))
+    plot_masks(shape, masks, stage_dir / "masks.png")
+    log.info("finalize: %d of %d parameters kept (%.3f, target %.3f)", remaining, total, remaining / total,
+             pruning.target_remaining)
+    return {k: report[k] for k in ("remaining_params", "total_params", "remaining_fraction", "kept_hidden")}
+
+
+def plot_masks(shape: ModelShape, masks: MaskSet, path: Path) -> None:
+    """Heat-map of the kept fraction per layer for query heads, KV heads and neurons, plus hidden."""
+    kept = torch.stack([masks.head_mask.mean(1), masks.kv_mask.mean(1), masks.neuron_mask.mean(1),
+                        masks.hidden_mask.mean().expand(shape.num_layers)], dim=1)
+    figure = Figure(figsize=(4.5, 1.6 + 0.25 * shape.num_layers))  # no pyplot: no global state, no display
+    axis = figure.subplots()
+    image = axis.imshow(kept.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axis.set_xticks(range(4), ["query heads", "KV heads", "neurons", "hidden"], rotation=20)
+    axis.set_ylabel("layer")
+    for (layer, column), value in zip(torch.cartesian_prod(torch.arange(kept.shape[0]), torch.arange(4)).tolist(),
+                                      kept.flatten().tolist(), strict=True):
+        axis.text(column, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                  color="white" if value < 0.5 else "black")
+    figure.colorbar(image, ax=axis, label="kept fraction")
+    axis.set_title("kept fraction per layer")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=120)
+    tmp.replace(path)

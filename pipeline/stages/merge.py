@@ -1,0 +1,130 @@
+"""merge: fold the adapters into the base weights, cut the pruned blocks out, write a plain HF checkpoint.
+
+Base weights stream from the original safetensors checkpoint (memory-mapped) one layer at a time and
+each layer is written as its own shard, so the stage holds about one layer in memory whatever the
+model size. The result in `merge/model/` loads with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline import dist
+from pipeline.apt.blocks import ModelShape
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.slicing import kept_indices, layer_slices, plan_layer
+from pipeline.model_io import base_model_dir
+from pipeline.stage import write_atomic
+
+SECTIONS = ("model", "apt", "pruning", "export")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = dist.get_logger("apt.merge")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    masks = MaskSet.from_dict(load_file(str(run_dir / "finalize" / "masks.safetensors")))
+    out_dir = run_dir / "merge" / "model"
+    summary = export_pruned(
+        base_dir=base_model_dir(cfg.model, run_dir),
+        adapters_path=run_dir / "finetune" / "adapters.safetensors",
+        masks=masks,
+        scaling=cfg.apt.alpha / cfg.apt.rank,
+        dtype=DTYPES[cfg.export.dtype],
+        out_dir=out_dir,
+    )
+    AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer")).save_pretrained(str(out_dir))
+    log.info("merge: wrote %s (%d parameters, %s)", out_dir, summary["params"], cfg.export.dtype)
+    return summary
+
+
+class BaseWeights:
+    """Reads single tensors from a (possibly sharded) safetensors checkpoint without loading the rest."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                self.files = {name: directory / "model.safetensors" for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json; "
+                                    f"the base checkpoint must be in safetensors format")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{name} is not in the base checkpoint")
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+@torch.no_grad()
+def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scaling: float, dtype: torch.dtype,
+                  out_dir: Path) -> dict:
+    """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config."""
+    config = AutoConfig.from_pretrained(str(base_dir))
+    shape = ModelShape.from_config(config)
+    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
+    if len({tuple(plan.sizes().values()) for plan in plans}) > 1:
+        raise ValueError("merge: the masks keep different sizes per layer; a plain LlamaConfig needs uniform ones")
+    hidden = kept_indices(masks.hidden_mask, "hidden_mask")
+    adapters = load_file(str(adapters_path))
+    base = BaseWeights(base_dir)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shard_count = shape.num_layers + 1
+    weight_map, params = {}, 0
+
+    def write_shard(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal params
+        name = f"model-{index + 1:05d}-of-{shard_count:05d}.safetensors"
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        params += sum(v.numel() for v in tensors.values())
+
+    for index, plan in enumerate(plans):
+        tensors = {}
+        for path, (rows, columns) in layer_slices(plan, hidden, shape.head_dim).items():
+            prefix = f"model.layers.{index}.{path}"
+            weight = base.get(f"{prefix}.weight").float()
+            if f"{prefix}.lora_A" in adapters:
+                weight = weight + scaling * adapters[f"{prefix}.lora_B"].float() @ adapters[f"{prefix}.lora_A"].float()
+            weight = weight.index_select(0, rows)
+            tensors[f"{prefix}.weight"] = weight if columns is None else weight.index_select(1, columns)
+            if f"{prefix}.bias" in base:
+                tensors[f"{prefix}.bias"] = base.get(f"{prefix}.bias").index_select(0, rows)
+        write_shard(index, tensors)
+
+    outer = {"model.embed_tokens.weight": base.get("model.embed_tokens.weight").index_select(1, hidden),
+             "model.norm.weight": base.get("model.norm.weight").index_select(0, hidden)}
+    if not config.tie_word_embeddings:
+        outer["lm_head.weight"] = base.get("lm_head.weight").index_select(1, hidden)
+    write_shard(shape.num_layers, outer)
+
+    write_atomic(tmp / "model.safetensors.index.json",
+                 json.dumps({"metadata": {"total_parameters": params}, "weight_map": weight_map}, indent=2))
+    sizes = plans[0].sizes()
+    config.hidden_size = hidden.numel()
+    config.head_dim = shape.head_dim  # explicit: it no longer equals hidden_size // num_attention_heads
+    config.num_attention_heads = sizes["num_attention_heads"]
+    config.num_key_value_heads = sizes["num_key_value_heads"]
+    config.intermediate_size = sizes["intermediate_size"]
+    config.dtype = dtype
+    config.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return {"params": params, "hidden_size": config.hidden_size, **sizes}

@@ -1,0 +1,91 @@
+"""The export: merged, sliced weights that plain transformers loads, with the masked model's logits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.apt.adapters import inject_adapters, set_masks
+from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
+from pipeline.apt.search import search_masks
+from pipeline.stages.merge import export_pruned
+
+LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(ids).logits
+    generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert "pipeline" not in sys.modules
+    torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
+                "generated": generated.shape[1]}, sys.argv[3])
+""")
+
+CASES = {
+    "llama-gqa-kv_group": dict(arch="llama", num_kv_heads=2, mode="kv_group"),
+    "llama-gqa-query_in_group": dict(arch="llama", num_kv_heads=2, mode="query_in_group"),
+    "llama-mha-tied": dict(arch="llama", num_kv_heads=4, tie=True, mode="kv_group"),
+    "qwen2-bias": dict(arch="qwen2", num_kv_heads=2, mode="kv_group"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, tiny_model, input_ids):
+    spec = dict(CASES[case])
+    mode = spec.pop("mode")
+    model = tiny_model(**spec)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(str(base_dir))
+    shape = ModelShape.from_config(model.config)
+
+    inject_adapters(model, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], rank=4, alpha=8.0,
+                    generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking adapters: B is no longer zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(adapters, str(tmp_path / "adapters.safetensors"))
+
+    scores = {"head": torch.rand(shape.num_layers, shape.num_heads, generator=generator),
+              "neuron": torch.rand(shape.num_layers, shape.intermediate_size, generator=generator),
+              "hidden": torch.rand(shape.hidden_size, generator=generator)}
+    masks = search_masks(shape, scores, 0.5, attention_mode=mode, layout="uniform", round_to=8, min_hidden=8)
+    set_masks(model, masks)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+
+    out_dir = tmp_path / "export"
+    summary = export_pruned(base_dir=base_dir, adapters_path=tmp_path / "adapters.safetensors", masks=masks,
+                            scaling=8.0 / 4, dtype=torch.float32, out_dir=out_dir)
+    result_path = tmp_path / "result.pt"
+    subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, str(out_dir),
+                    json.dumps(input_ids.tolist()), str(result_path)], check=True)
+    result = torch.load(result_path, weights_only=True)
+
+    torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
+    assert result["params"] == summary["params"] == remaining_params(shape, kept_sizes(masks))
+    assert result["generated"] == 4 + 5
+
+
+def test_export_refuses_fractional_masks(tmp_path, tiny_model):
+    model = tiny_model()
+    model.save_pretrained(str(tmp_path / "base"))
+    shape = ModelShape.from_config(model.config)
+    save_file({}, str(tmp_path / "adapters.safetensors"))
+    from pipeline.apt.masks import MaskSet
+
+    masks = MaskSet.ones(shape)
+    masks.neuron_mask[0, 3] = 0.5
+    with pytest.raises(ValueError, match="not binary"):
+        export_pruned(base_dir=tmp_path / "base", adapters_path=tmp_path / "adapters.safetensors", masks=masks,
+                      scaling=1.0, dtype=torch.float32, out_dir=tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -201,9 +201,7 @@ class PruningSection:
             out.append(f"round_to: {self.round_to} must be >= 1")
         if self.min_hidden < 1:
             out.append(f"min_hidden: {self.min_hidden} must be >= 1")
-        if self.layout == "per_layer":
-            out.append("layout: per_layer cannot be exported yet (the merge stage writes uniform models only); "
-                       "use uniform")
+
         return out
 
 

@@ -20,6 +20,7 @@ from pipeline import dist
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import kept_indices, layer_slices, plan_layer
+from pipeline.hetero import AptLlamaConfig
 from pipeline.model_io import base_model_dir
 from pipeline.stage import write_atomic
 
@@ -73,12 +74,16 @@ class BaseWeights:
 @torch.no_grad()
 def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scaling: float, dtype: torch.dtype,
                   out_dir: Path) -> dict:
-    """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config."""
+    """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
+
+    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type."""
     config = AutoConfig.from_pretrained(str(base_dir))
     shape = ModelShape.from_config(config)
     plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
-    if len({tuple(plan.sizes().values()) for plan in plans}) > 1:
-        raise ValueError("merge: the masks keep different sizes per layer; a plain LlamaConfig needs uniform ones")
+    per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
+    if per_layer and config.model_type != "llama":
+        raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
+                         f"use pruning.layout=uniform")
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     adapters = load_file(str(adapters_path))
     base = BaseWeights(base_dir)
@@ -124,7 +129,16 @@ def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scalin
     config.num_key_value_heads = sizes["num_key_value_heads"]
     config.intermediate_size = sizes["intermediate_size"]
     config.dtype = dtype
+    if per_layer:  # layer 0's sizes are the global ones; the other layers list what differs
+        config = heterogeneous_config(config, per_layer)
     config.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return {"params": params, "hidden_size": config.hidden_size, **sizes}
+    return {"params": params, "hidden_size": hidden.numel(), **sizes, "per_layer": bool(per_layer)}
+
+
+def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]) -> AptLlamaConfig:
+    """The pruned LlamaConfig in transformers' per-layer format, as the registered `apt_llama` type."""
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures",
+                                                                    "transformers_version")}
+    return AptLlamaConfig(**values, per_layer_config=per_layer, architectures=["AptLlamaForCausalLM"])

@@ -17,13 +17,15 @@ from pipeline.stages.merge import export_pruned
 LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
     import json, sys
     import torch
+    if sys.argv[4] == "import-pipeline":
+        import pipeline  # registers the per-layer model type
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
     ids = torch.tensor(json.loads(sys.argv[2]))
     with torch.no_grad():
         logits = model(ids).logits
     generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
-    assert "pipeline" not in sys.modules
+    assert ("pipeline" in sys.modules) == (sys.argv[4] == "import-pipeline")
     torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
                 "generated": generated.shape[1]}, sys.argv[3])
 """)
@@ -33,21 +35,24 @@ CASES = {
     "llama-gqa-query_in_group": dict(arch="llama", num_kv_heads=2, mode="query_in_group"),
     "llama-mha-tied": dict(arch="llama", num_kv_heads=4, tie=True, mode="kv_group"),
     "qwen2-bias": dict(arch="qwen2", num_kv_heads=2, mode="kv_group"),
+    "llama-per_layer-kv_group": dict(arch="llama", num_kv_heads=2, mode="kv_group", layout="per_layer"),
+    "llama-per_layer-query_in_group": dict(arch="llama", num_kv_heads=2, mode="query_in_group",
+                                           layout="per_layer"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, tiny_model, input_ids):
     spec = dict(CASES[case])
-    mode = spec.pop("mode")
-    model = tiny_model(**spec)
+    mode, layout = spec.pop("mode"), spec.pop("layout", "uniform")
+    model = tiny_model(**spec, num_layers=3)
     base_dir = tmp_path / "base"
     model.save_pretrained(str(base_dir))
     shape = ModelShape.from_config(model.config)
 
     inject_adapters(model, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], rank=4, alpha=8.0,
                     generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(2)
     with torch.no_grad():  # trained-looking adapters: B is no longer zero
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -58,7 +63,7 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     scores = {"head": torch.rand(shape.num_layers, shape.num_heads, generator=generator),
               "neuron": torch.rand(shape.num_layers, shape.intermediate_size, generator=generator),
               "hidden": torch.rand(shape.hidden_size, generator=generator)}
-    masks = search_masks(shape, scores, 0.5, attention_mode=mode, layout="uniform", round_to=8, min_hidden=8)
+    masks = search_masks(shape, scores, 0.5, attention_mode=mode, layout=layout, round_to=1, min_hidden=8)
     set_masks(model, masks)
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -67,13 +72,15 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     summary = export_pruned(base_dir=base_dir, adapters_path=tmp_path / "adapters.safetensors", masks=masks,
                             scaling=8.0 / 4, dtype=torch.float32, out_dir=out_dir)
     result_path = tmp_path / "result.pt"
+    loader = "import-pipeline" if layout == "per_layer" else "transformers-only"
     subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, str(out_dir),
-                    json.dumps(input_ids.tolist()), str(result_path)], check=True)
+                    json.dumps(input_ids.tolist()), str(result_path), loader], check=True)
     result = torch.load(result_path, weights_only=True)
 
     torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
     assert result["params"] == summary["params"] == remaining_params(shape, kept_sizes(masks))
     assert result["generated"] == 4 + 5
+    assert summary["per_layer"] == (layout == "per_layer")  # the scores above give unequal layers
 
 
 def test_export_refuses_fractional_masks(tmp_path, tiny_model):

@@ -55,11 +55,12 @@ class BaseWeights:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: directory / file for name, file in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
-            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-                self.files = {name: directory / "model.safetensors" for name in f.keys()}
+            self.files = dict.fromkeys(_tensor_names(directory / "model.safetensors"), directory / "model.safetensors")
         else:
             raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json; "
                                     f"the base checkpoint must be in safetensors format")
+        for path in sorted(set(self.files.values())):  # open every shard once now: fail before writing anything
+            _tensor_names(path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -69,6 +70,15 @@ class BaseWeights:
             raise KeyError(f"{name} is not in the base checkpoint")
         with safe_open(str(self.files[name]), framework="pt") as f:
             return f.get_tensor(name)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the "
+                         f"checkpoint") from e
 
 
 @torch.no_grad()
@@ -85,6 +95,8 @@ def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scalin
         raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
                          f"use pruning.layout=uniform")
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
+    if not adapters_path.is_file():
+        raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
     adapters = load_file(str(adapters_path))
     base = BaseWeights(base_dir)
 

@@ -83,16 +83,43 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     assert summary["per_layer"] == (layout == "per_layer")  # the scores above give unequal layers
 
 
-def test_export_refuses_fractional_masks(tmp_path, tiny_model):
-    model = tiny_model()
-    model.save_pretrained(str(tmp_path / "base"))
-    shape = ModelShape.from_config(model.config)
-    save_file({}, str(tmp_path / "adapters.safetensors"))
+@pytest.fixture
+def export_inputs(tmp_path, tiny_model):
+    """A saved tiny base, an empty adapter file and all-ones masks: a valid export to break one piece of."""
     from pipeline.apt.masks import MaskSet
 
-    masks = MaskSet.ones(shape)
-    masks.neuron_mask[0, 3] = 0.5
+    model = tiny_model()
+    model.save_pretrained(str(tmp_path / "base"))
+    save_file({}, str(tmp_path / "adapters.safetensors"))
+    masks = MaskSet.ones(ModelShape.from_config(model.config))
+    return dict(base_dir=tmp_path / "base", adapters_path=tmp_path / "adapters.safetensors", masks=masks,
+                scaling=1.0, dtype=torch.float32, out_dir=tmp_path / "export")
+
+
+def test_corrupt_base_checkpoint_is_refused_before_writing(export_inputs):
+    weights = export_inputs["base_dir"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        export_pruned(**export_inputs)
+    assert not export_inputs["out_dir"].exists()
+
+
+def test_missing_adapters_are_refused_before_writing(export_inputs):
+    export_inputs["adapters_path"].unlink()
+    with pytest.raises(FileNotFoundError, match="run the finetune stage first"):
+        export_pruned(**export_inputs)
+    assert not export_inputs["out_dir"].exists()
+
+
+def test_masks_that_break_gqa_are_refused_before_writing(export_inputs):
+    export_inputs["masks"].kv_mask[0, 0] = 0  # query heads 0 and 1 would lose their KV head
+    with pytest.raises(ValueError, match="KV head is pruned"):
+        export_pruned(**export_inputs)
+    assert not export_inputs["out_dir"].exists()
+
+
+def test_export_refuses_fractional_masks(export_inputs):
+    export_inputs["masks"].neuron_mask[0, 3] = 0.5
     with pytest.raises(ValueError, match="not binary"):
-        export_pruned(base_dir=tmp_path / "base", adapters_path=tmp_path / "adapters.safetensors", masks=masks,
-                      scaling=1.0, dtype=torch.float32, out_dir=tmp_path / "export")
-    assert not (tmp_path / "export").exists()
+        export_pruned(**export_inputs)
+    assert not export_inputs["out_dir"].exists()

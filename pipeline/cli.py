@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline import config as config_lib
+from pipeline import plan as planner
 from pipeline import run as driver
 
 DESCRIPTION = """APT (Adaptive Pruning and Tuning) for LLaMA-family models under DeepSpeed.
@@ -33,11 +34,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="run the stage body in this process: what each rank started by the launcher does")
     stage.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
+    plan = commands.add_parser("plan", help="per-GPU memory for a model x ZeRO stage x world size",
+                               description="Print per-GPU memory of an APT finetune (frozen bf16 base, adapter "
+                                           "states from DeepSpeed's estimators, activations) as a markdown table.")
+    planner.add_arguments(plan)
+
     # Overrides may come before or after options; argparse leaves the later ones unparsed.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options:
-        parser.error(f"unrecognized arguments: {' '.join(unknown_options)}")
+    if unknown_options or (args.command == "plan" and extra):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
+    if args.command == "plan":
+        return planner.main(args)
     try:
         cfg = config_lib.load(args.config, [*args.overrides, *extra])
     except config_lib.ConfigError as e:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline import config as config_lib
+from pipeline import tracking
 from pipeline.dist import get_logger, is_main, world_size
 from pipeline.stage import MANIFEST, Stage, fingerprint, is_done, read_manifest, write_atomic, write_manifest
 from pipeline.stages import eval as eval_stage
@@ -59,13 +60,16 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
     write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
     log.info("run directory: %s", run_dir)
     rerun_rest = False
-    for stage in STAGES:
-        rerun_rest = rerun_rest or stage.name == from_stage
-        if not rerun_rest and is_done(run_dir / stage.name, expected_fingerprint(stage, cfg, run_dir)):
-            log.info("%-9s done, skipped", stage.name)
-            continue
-        rerun_rest = True  # what comes after a re-run stage consumed its old outputs
-        run_stage(stage, cfg, run_dir)
+    with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
+        for stage in STAGES:
+            rerun_rest = rerun_rest or stage.name == from_stage
+            if not rerun_rest and is_done(run_dir / stage.name, expected_fingerprint(stage, cfg, run_dir)):
+                log.info("%-9s done, skipped", stage.name)
+                tracking.record_skipped(mlflow_run, run_dir / stage.name)
+                continue
+            rerun_rest = True  # what comes after a re-run stage consumed its old outputs
+            with tracking.tracked_stage(mlflow_run, run_dir / stage.name):
+                run_stage(stage, cfg, run_dir)
 
 
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+RANKS = ".ranks"
+"""Inside a distributed stage's folder: one status file per rank, so a failure can be pinned on a rank."""
 TRACKED_PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "sentencepiece", "mlflow", "apt-pipeline")
 
 
@@ -89,14 +91,17 @@ def is_done(stage_dir: Path, expected_fingerprint: str) -> bool:
     return all((stage_dir / rel).is_file() for rel in manifest.get("outputs", {}))
 
 
+def is_output(path: Path, stage_dir: Path) -> bool:
+    """Dot-named files and folders are bookkeeping (temp files, rank status, resume key), not outputs."""
+    relative = path.relative_to(stage_dir)
+    return path.is_file() and path.name != MANIFEST and not any(part.startswith(".") for part in relative.parts)
+
+
 def write_manifest(stage_dir: Path, *, stage: str, fingerprint: str, inputs: dict[str, str], world_size: int,
                    started: float, summary: dict) -> dict:
     """Hash every file the stage wrote and record it all; this is the stage's last write."""
-    outputs = {
-        str(p.relative_to(stage_dir)): sha256_file(p)
-        for p in sorted(stage_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
+    files = [p for p in sorted(stage_dir.rglob("*")) if is_output(p, stage_dir)]
+    outputs = {str(p.relative_to(stage_dir)): sha256_file(p) for p in files}
     manifest = {
         "stage": stage,
         "fingerprint": fingerprint,
@@ -111,3 +116,23 @@ def write_manifest(stage_dir: Path, *, stage: str, fingerprint: str, inputs: dic
     write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest
 
+
+
+def write_rank_status(stage_dir: Path, rank: int, status: str, detail: str = "") -> None:
+    """Record what this rank is doing (running, done, failed) for the driver to read after a failure."""
+    record = {"rank": rank, "status": status, "detail": detail, "pid": os.getpid(), "host": platform.node(),
+              "time": time.time()}
+    write_atomic(stage_dir / RANKS / f"rank{rank}.json", json.dumps(record))
+
+
+def describe_rank_failures(stage_dir: Path) -> str:
+    """Which ranks raised (with their error) and which vanished while running (killed, out of memory)."""
+    lines = []
+    for path in sorted((stage_dir / RANKS).glob("rank*.json"), key=lambda p: int(p.stem[4:])):
+        record = json.loads(path.read_text())
+        if record["status"] == "running":
+            lines.append(f"rank {record['rank']} (pid {record['pid']} on {record['host']}) died without an error: "
+                         f"killed, out of memory, or its node went down")
+        elif record["status"] == "failed":
+            lines.append(f"rank {record['rank']} (pid {record['pid']} on {record['host']}) raised: {record['detail']}")
+    return "\n".join(lines)

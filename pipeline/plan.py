@@ -1,0 +1,162 @@
+"""`apt-pipeline plan`: per-GPU memory of an APT finetune for a model × ZeRO stage × world size.
+
+DeepSpeed's estimators assume every parameter trains; in APT only the adapters do. So the frozen bf16 base
+(replicated under ZeRO-2, partitioned under ZeRO-3, in CPU memory with offload) is counted here, the adapters'
+states come from `estimate_zero{2,3}_model_states_mem_needs`, and activations are added to every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.apt.blocks import ModelShape, total_params
+
+GIB = 2**30
+BF16_BYTES = 2
+ACTIVATION_VALUES_PER_CHANNEL = 23
+"""bf16 values kept for backward per token, hidden channel and layer of a LLaMA block with APT masks and adapters
+(SDPA, no activation checkpointing); measured with saved-tensor hooks: 20.9 at f = 2.7d (LLaMA-2), 22.6 at f = 3.5d
+(LLaMA-3), 16-17 without APT (Korthikanti et al.'s 34 bytes). Linear in sequence length: SDPA keeps no scores."""
+LOSS_BYTES_PER_LOGIT = 10
+"""The loss's peak per token and vocabulary entry: bf16 logits, their fp32 copy, the fp32 log-softmax."""
+DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+DEFAULT_WORLD_SIZES = (8, 16, 64)
+BUILTIN_MODELS = {
+    # Published config.json values (Meta's Hugging Face releases): no download needed to plan.
+    "llama-2-7b": ModelShape(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                             head_dim=128, intermediate_size=11008, tie_word_embeddings=False, qkv_bias=False),
+    "llama-2-13b": ModelShape(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+                              head_dim=128, intermediate_size=13824, tie_word_embeddings=False, qkv_bias=False),
+    "llama-2-70b": ModelShape(vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                              head_dim=128, intermediate_size=28672, tie_word_embeddings=False, qkv_bias=False),
+    "llama-3-8b": ModelShape(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                             head_dim=128, intermediate_size=14336, tie_word_embeddings=False, qkv_bias=False),
+}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one GPU needs for each ZeRO setup (model states + activations), and what offload puts in CPU memory."""
+
+    model: str
+    world_size: int
+    base_params: int
+    adapter_params: int
+    activation_bytes: int
+    zero2: int
+    zero3: int
+    zero3_offload: int
+    offload_cpu_per_node: int
+
+
+def projection_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection of one decoder layer."""
+    d, f = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def adapter_params(shape: ModelShape, targets: tuple[str, ...], rank: int) -> int:
+    """Trainable parameters: A (rank x in) and B (out x rank) on every target projection of every layer."""
+    shapes = projection_shapes(shape)
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown:
+        raise ValueError(f"unknown adapter targets {unknown}; choose from {list(shapes)}")
+    return shape.num_layers * sum(rank * sum(shapes[name]) for name in targets)
+
+
+def largest_layer_params(shape: ModelShape) -> int:
+    """The biggest module ZeRO-3 gathers whole: the embedding / LM head, or the widest projection."""
+    return max(shape.vocab_size * shape.hidden_size, *(i * o for i, o in projection_shapes(shape).values()))
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int) -> int:
+    """What one micro batch keeps for backward: every layer's activations plus the loss over the vocabulary."""
+    tokens = micro_batch * seq_len
+    layers = tokens * shape.hidden_size * shape.num_layers * ACTIVATION_VALUES_PER_CHANNEL * BF16_BYTES
+    return layers + tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT
+
+
+def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node: int = 8, micro_batch: int = 1,
+                seq_len: int = 2048, rank: int = 64, targets: tuple[str, ...] = DEFAULT_TARGETS) -> MemoryPlan:
+    """Per-GPU memory of an APT finetune of `shape` on `world_size` GPUs under ZeRO-2, ZeRO-3 and ZeRO-3+offload."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if world_size % gpus_per_node and world_size > gpus_per_node:
+        raise ValueError(f"world size {world_size} is not a whole number of {gpus_per_node}-GPU nodes")
+    per_node = min(gpus_per_node, world_size)
+    nodes = world_size // per_node
+    base = total_params(shape)
+    adapters = adapter_params(shape, targets, rank)
+    largest = largest_layer_params(shape)
+    activations = activation_bytes(shape, micro_batch, seq_len)
+    hardware = {"num_gpus_per_node": per_node, "num_nodes": nodes}
+    _, zero2_adapters = estimate_zero2_model_states_mem_needs(adapters, cpu_offload=False, **hardware)
+    _, zero3_adapters, _ = estimate_zero3_model_states_mem_needs(adapters, largest, cpu_offload=False,
+                                                                 cpu_offload_params=False, **hardware)
+    offload_cpu, offload_gpu, _ = estimate_zero3_model_states_mem_needs(adapters, largest, cpu_offload=True,
+                                                                        cpu_offload_params=True, **hardware)
+    return MemoryPlan(
+        model=name, world_size=world_size, base_params=base, adapter_params=adapters, activation_bytes=activations,
+        zero2=BF16_BYTES * base + zero2_adapters + activations,
+        zero3=BF16_BYTES * base // world_size + zero3_adapters + activations,
+        zero3_offload=offload_gpu + activations,
+        offload_cpu_per_node=BF16_BYTES * base // nodes + offload_cpu,
+    )
+
+
+def load_model_shape(path: Path) -> ModelShape:
+    """The shape of a LLaMA / Mistral / Qwen2 `config.json` (a file, or the folder holding it)."""
+    from transformers import AutoConfig
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(str(path)))
+
+
+def markdown_table(plans: list[MemoryPlan]) -> str:
+    """One row per model and world size; memory in GiB per GPU (CPU per node for offload)."""
+    header = ("| model | GPUs | base params | adapter params | activations | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload "
+              "| offload CPU / node |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in plans:
+        gib = [f"{value / GIB:.1f}" for value in (p.activation_bytes, p.zero2, p.zero3, p.zero3_offload,
+                                                  p.offload_cpu_per_node)]
+        lines.append(f"| {p.model} | {p.world_size} | {p.base_params / 1e9:.2f} B | {p.adapter_params / 1e6:.0f} M "
+                     f"| {' | '.join(gib)} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", choices=sorted(BUILTIN_MODELS),
+                        help="a built-in shape (repeatable; default: all four unless --model-config is given)")
+    parser.add_argument("--model-config", type=Path, action="append", default=[], metavar="PATH",
+                        help="a model's config.json (or its folder); repeatable")
+    parser.add_argument("--world-size", type=int, action="append", metavar="N",
+                        help=f"GPUs in all (repeatable; default: {', '.join(map(str, DEFAULT_WORLD_SIZES))})")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--rank", type=int, default=64,
+                        help="adapter rank to plan for; default apt.rank 8 x max_rank_multiplier 8, the cap growth "
+                             "can reach (an upper bound: APT grows only the most salient adapters)")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated adapted projections")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the markdown table for the chosen models and world sizes."""
+    models = [(name, BUILTIN_MODELS[name]) for name in args.model or ()]
+    models += [(str(path), load_model_shape(path)) for path in args.model_config]
+    if not models:
+        models = list(BUILTIN_MODELS.items())
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    plans = [plan_memory(name, shape, world_size, gpus_per_node=args.gpus_per_node, micro_batch=args.micro_batch,
+                         seq_len=args.seq_len, rank=args.rank, targets=targets)
+             for name, shape in models for world_size in args.world_size or DEFAULT_WORLD_SIZES]
+    print(markdown_table(plans))
+    print(f"\nGiB per GPU: frozen bf16 base + adapter states (DeepSpeed's estimators) + activations "
+          f"(micro batch {args.micro_batch} x {args.seq_len} tokens, no activation checkpointing); "
+          f"adapter rank {args.rank} on {', '.join(targets)}.")
+    return 0

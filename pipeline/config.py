@@ -248,6 +248,8 @@ class DeepSpeedSection:
     master_port: int = 29500
     launcher_args: tuple[str, ...] = ()
     """Extra arguments passed to the `deepspeed` launcher as they are."""
+    timeout_minutes: float = 30.0
+    """A collective that waits longer than this (a rank hung) fails the stage instead of blocking forever."""
 
     def problems(self) -> list[str]:
         out = []
@@ -259,6 +261,8 @@ class DeepSpeedSection:
             out.append(f"hostfile: required when num_nodes is {self.num_nodes}")
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             out.append(f"hostfile: {self.hostfile!r} is not a file")
+        if not self.timeout_minutes > 0:
+            out.append(f"timeout_minutes: {self.timeout_minutes} must be > 0")
         if not 1024 <= self.master_port <= 65535:
             out.append(f"master_port: {self.master_port} must be in [1024, 65535]")
         return out

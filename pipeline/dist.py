@@ -25,6 +25,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def init_distributed(timeout_minutes: float) -> None:
+    """Join the process group the launcher set up: NCCL on GPUs, gloo on CPUs; a hung peer fails after the timeout."""
+    import datetime
+
+    import deepspeed
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
 def get_logger(name: str = "apt") -> logging.Logger:
     """A logger that prints on rank 0 and stays quiet (warnings only) elsewhere."""
     logger = logging.getLogger(name)

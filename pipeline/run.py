@@ -13,8 +13,19 @@ from pathlib import Path
 
 from pipeline import config as config_lib
 from pipeline import tracking
-from pipeline.dist import get_logger, is_main, world_size
-from pipeline.stage import MANIFEST, Stage, fingerprint, is_done, read_manifest, write_atomic, write_manifest
+from pipeline.dist import get_logger, is_main, rank, world_size
+from pipeline.stage import (
+    MANIFEST,
+    RANKS,
+    Stage,
+    describe_rank_failures,
+    fingerprint,
+    is_done,
+    read_manifest,
+    write_atomic,
+    write_manifest,
+    write_rank_status,
+)
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import finalize, finetune, merge, prep, salience
 
@@ -89,7 +100,16 @@ def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dic
             shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    summary = stage.run(cfg.select(*stage.sections), run_dir)
+    if stage.distributed:
+        write_rank_status(stage_dir, rank(), "running")
+    try:
+        summary = stage.run(cfg.select(*stage.sections), run_dir)
+    except BaseException as e:
+        if stage.distributed:
+            write_rank_status(stage_dir, rank(), "failed", f"{type(e).__name__}: {e}")
+        raise
+    if stage.distributed:
+        write_rank_status(stage_dir, rank(), "done")
     if is_main():
         inputs = {name: read_manifest(run_dir / name)["fingerprint"] for name in stage.inputs}
         write_manifest(stage_dir, stage=stage.name, fingerprint=fp, inputs=inputs, world_size=world_size(),
@@ -109,6 +129,7 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
         log.info("%s: config changed since its checkpoints were written; starting it over", stage.name)
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(stage_dir / RANKS, ignore_errors=True)
     write_atomic(key, fp)
     config_path = run_dir / "config.yaml"
     write_atomic(config_path, config_lib.dump(cfg))
@@ -120,7 +141,8 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.deepspeed.num_gpus)))
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"stage {stage.name} failed (exit code {result.returncode}); see the log above. "
+        ranks = describe_rank_failures(stage_dir) or "no rank recorded a failure (the launcher itself failed?)"
+        raise RuntimeError(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n"
                            f"Running the same command again resumes it from its last checkpoint.")
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest["fingerprint"] != fp:

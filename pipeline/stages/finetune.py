@@ -59,7 +59,7 @@ class AptState:
 def run(cfg, run_dir: Path) -> dict:
     stage_dir = run_dir / "finetune"
     train, pruning = cfg.train, cfg.pruning
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_distributed(cfg.deepspeed.timeout_minutes)
     world_size, rank = dist.world_size(), dist.rank()
     seed_everything(cfg.run.seed)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import deepspeed
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -33,7 +32,7 @@ log = dist.get_logger("apt.salience")
 
 
 def run(cfg, run_dir: Path) -> dict:
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_distributed(cfg.deepspeed.timeout_minutes)
     world_size, rank = dist.world_size(), dist.rank()
     finetune_dir = run_dir / "finetune"
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer"))

@@ -81,6 +81,8 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
             rerun_rest = True  # what comes after a re-run stage consumed its old outputs
             with tracking.tracked_stage(mlflow_run, run_dir / stage.name):
                 run_stage(stage, cfg, run_dir)
+    log.info("done: the pruned model is in %s (loads with AutoModelForCausalLM.from_pretrained)",
+             run_dir / "merge" / "model")
 
 
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:

@@ -64,10 +64,12 @@ def perplexity(model, split, batch_size: int, max_batches: int) -> float:
 @torch.no_grad()
 def generation_speed(model, prompts: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Greedy-decoding tokens per second (median of `repeats`, after one warm-up)."""
-    model.generate(prompts, max_new_tokens=2, do_sample=False)
+    # Unpadded prompts of equal length: every position attends; EOS stands in for the absent pad token.
+    options = dict(attention_mask=torch.ones_like(prompts), pad_token_id=model.config.eos_token_id, do_sample=False)
+    model.generate(prompts, max_new_tokens=2, **options)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
         times.append(time.perf_counter() - started)
     return prompts.shape[0] * new_tokens / sorted(times)[len(times) // 2]

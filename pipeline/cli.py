@@ -7,6 +7,7 @@ import sys
 
 from pipeline import config as config_lib
 from pipeline import plan as planner
+from pipeline import preflight
 from pipeline import run as driver
 
 DESCRIPTION = """APT (Adaptive Pruning and Tuning) for LLaMA-family models under DeepSpeed.
@@ -48,16 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return planner.main(args)
     try:
         cfg = config_lib.load(args.config, [*args.overrides, *extra])
-    except config_lib.ConfigError as e:
+        if args.command == "run":
+            driver.run_pipeline(cfg, from_stage=args.from_stage)  # checks the inputs first
+        elif args.worker:  # a rank started by the launcher: the driver checked the inputs
+            driver.execute_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+        else:
+            preflight.check(cfg)
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+    except config_lib.ConfigError as e:  # bad config or inputs: the message says what to fix, no traceback
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 2
-    if args.command == "run":
-        driver.run_pipeline(cfg, from_stage=args.from_stage)
-    elif args.worker:
-        driver.execute_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
-    else:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
     return 0
 
 

@@ -53,6 +53,8 @@ class ModelSection:
     vocab_size: int | None = None
     """Unset: the tokenizer's vocabulary size."""
     tie_word_embeddings: bool = False
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with the checkpoint or tokenizer (`auto_map`); only for trusted ones."""
 
     def problems(self) -> list[str]:
         out = []
@@ -250,6 +252,8 @@ class DeepSpeedSection:
     """Extra arguments passed to the `deepspeed` launcher as they are."""
     timeout_minutes: float = 30.0
     """A collective that waits longer than this (a rank hung) fails the stage instead of blocking forever."""
+    host_check_port: int = 22
+    """Port the start-up check connects to on every hostfile host (ssh, which the launcher uses); 0 skips it."""
 
     def problems(self) -> list[str]:
         out = []
@@ -265,6 +269,8 @@ class DeepSpeedSection:
             out.append(f"timeout_minutes: {self.timeout_minutes} must be > 0")
         if not 1024 <= self.master_port <= 65535:
             out.append(f"master_port: {self.master_port} must be in [1024, 65535]")
+        if not 0 <= self.host_check_port <= 65535:
+            out.append(f"host_check_port: {self.host_check_port} must be in [0, 65535] (0 skips the check)")
         return out
 
 

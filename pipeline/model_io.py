@@ -42,7 +42,8 @@ def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, 
     if (directory / "config.json").is_file():
         # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
         _ds_context = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                    trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.path is not None:
         raise FileNotFoundError(f"model.path: {directory}/config.json not found; give a from_pretrained folder")
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline import config as config_lib
-from pipeline import tracking
+from pipeline import preflight, tracking
 from pipeline.dist import get_logger, is_main, rank, world_size
 from pipeline.stage import (
     MANIFEST,
@@ -66,6 +66,7 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
     """Run every stage that is not done (or every stage from `from_stage` on)."""
     if from_stage is not None:
         stage_by_name(from_stage)
+    preflight.check(cfg)  # bad inputs fail here, before the run directory exists
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))

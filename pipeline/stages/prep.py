@@ -36,7 +36,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise ValueError(f"data: the corpus {data.hub_name or list(data.sources)} has no records")
     log.info("corpus: %d documents from %s", len(raw), data.hub_name or ", ".join(map(str, files)))
 
-    tokenizer = get_tokenizer(cfg.tokenizer, raw, data, stage_dir / "tokenizer")
+    tokenizer = get_tokenizer(cfg.tokenizer, raw, data, stage_dir / "tokenizer", model.trust_remote_code)
     check_vocab(tokenizer, model)
 
     split = raw.train_test_split(test_size=data.validation_fraction, seed=cfg.run.seed)
@@ -92,7 +92,8 @@ def check_seq_len(seq_len: int, model) -> None:
         config_path = Path(model.path) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"model.path: {config_path} not found; is {model.path} a from_pretrained folder?")
-        max_positions = AutoConfig.from_pretrained(model.path).max_position_embeddings
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        max_positions = config.max_position_embeddings
     else:
         max_positions = model.max_position_embeddings
     if seq_len > max_positions:
@@ -100,7 +101,10 @@ def check_seq_len(seq_len: int, model) -> None:
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, model) -> None:
-    vocab = AutoConfig.from_pretrained(model.path).vocab_size if model.path else model.vocab_size
+    if model.path is not None:
+        vocab = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code).vocab_size
+    else:
+        vocab = model.vocab_size
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {vocab}; "
                          f"use the model's own tokenizer or a smaller tokenizer.vocab_size")
@@ -123,7 +127,8 @@ def load_corpus(data, files: list[Path]) -> datasets.Dataset:
     return corpus
 
 
-def get_tokenizer(section, corpus: datasets.Dataset, data, out_dir: Path) -> PreTrainedTokenizerBase:
+def get_tokenizer(section, corpus: datasets.Dataset, data, out_dir: Path,
+                  trust_remote_code: bool) -> PreTrainedTokenizerBase:
     """Load the configured tokenizer, or train SentencePiece BPE on the corpus; save it to `out_dir`."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -137,7 +142,8 @@ def get_tokenizer(section, corpus: datasets.Dataset, data, out_dir: Path) -> Pre
         shutil.copy(section.path, out_dir / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(section.path)
+        # The one loader here that can run code shipped with the files (LlamaTokenizer is a fixed class).
+        tokenizer = AutoTokenizer.from_pretrained(section.path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer: {section.path} has no EOS token; prep needs one to separate documents")
     tokenizer.save_pretrained(str(out_dir))

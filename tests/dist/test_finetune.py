@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from harness import free_port, spawn
 from safetensors.torch import load_file
 
-from harness import free_port, spawn
 from pipeline import config as config_lib
 from pipeline import run as driver
 

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from harness import free_port
+
 from pipeline import config as config_lib
 from pipeline import run as driver
 

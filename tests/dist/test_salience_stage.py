@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 import torch
+from harness import spawn
 from safetensors.torch import load_file
 
-from harness import spawn
 from pipeline import config as config_lib
 from pipeline import run as driver
 

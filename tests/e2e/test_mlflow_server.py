@@ -10,9 +10,10 @@ import time
 import urllib.request
 
 import pytest
-from harness import free_port
 
 from pipeline.tracking import JsonlLogger, MlflowLogger
+
+from harness import free_port
 
 pytestmark = pytest.mark.e2e
 

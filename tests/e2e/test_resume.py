@@ -10,8 +10,9 @@ import time
 import mlflow
 import pytest
 import torch
-from harness import free_port
 from safetensors.torch import load_file
+
+from harness import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -1,0 +1,201 @@
+"""Start-up checks of the inputs a run names, before any stage runs or anything is written.
+
+Only cheap reads: config.json, safetensors headers, the tokenizer, the head of each corpus file, one TCP
+connect per host. Every problem is collected and raised once, as `config.load` does for the config itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import sentencepiece as spm
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
+from pipeline.config import ConfigError, RunConfig
+from pipeline.stages import prep
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
+"""Hostfile names that need no network check."""
+HOST_TIMEOUT_S = 3.0
+HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)")
+"""A hostfile line as DeepSpeed's launcher reads it: `host slots=N`."""
+SNIFF_CHARS = 1 << 16
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""A tokenizer folder holds at least one; without, transformers 5 builds an empty tokenizer instead of failing."""
+
+
+def check(cfg: RunConfig) -> None:
+    """Raise ConfigError naming every bad input of `cfg` (model, tokenizer, corpus, hosts); return when all are fine."""
+    problems = []
+    vocab_size = cfg.model.vocab_size
+    if cfg.model.path is not None:
+        model_config, config_problems = checkpoint_config(cfg.model)
+        problems += config_problems + weight_problems(Path(cfg.model.path))
+        vocab_size = model_config.get("vocab_size") if model_config else None
+    if cfg.tokenizer.path is not None:
+        problems += tokenizer_problems(cfg.tokenizer.path, vocab_size, cfg.model.trust_remote_code)
+    if cfg.data.hub_name is None:
+        problems += corpus_problems(cfg.data.sources)
+    if cfg.deepspeed.hostfile is not None and cfg.deepspeed.host_check_port:
+        problems += host_problems(cfg.deepspeed)
+    if problems:
+        raise ConfigError("invalid inputs (nothing was run or written):\n  " + "\n  ".join(problems))
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_config(model) -> tuple[dict | None, list[str]]:
+    """config.json of `model.path` as a dict (None if unreadable), and why it is not a model we can prune."""
+    config_path = Path(model.path) / "config.json"
+    if not config_path.is_file():
+        return None, [f"model.path: {config_path} not found; give a from_pretrained folder"]
+    try:
+        raw = json.loads(config_path.read_text())
+    except ValueError as e:
+        return None, [f"model.path: {config_path} is not valid JSON ({e})"]
+    if not isinstance(raw, dict):
+        return None, [f"model.path: {config_path} is not a JSON object"]
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return raw, [f"model.path: {config_path} has model_type {model_type!r}; supported: "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)"]
+    try:  # the shape finetune will read: catches what a supported type can still get wrong (GQA, biases)
+        ModelShape.from_config(AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code))
+    except ValueError as e:
+        return raw, [f"model.path: {config_path}: {e}"]
+    return raw, []
+
+
+def weight_problems(directory: Path) -> list[str]:
+    """The safetensors files from_pretrained and merge will read exist and have readable headers (no weights read)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            return [f"model.path: {index} is not a safetensors index with a weight_map ({e!r})"]
+        files = [directory / name for name in shards]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif any(directory.glob("*.bin")):
+        return [f"model.path: {directory} has PyTorch .bin weights only; the pipeline reads safetensors. Convert "
+                f"once (transformers loads .bin with weights_only=True): python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{directory}').save_pretrained('NEW_DIR')\", "
+                f"then set model.path=NEW_DIR"]
+    else:
+        return [f"model.path: {directory} has no model.safetensors or model.safetensors.index.json"]
+    problems = []
+    for path in files:
+        if not path.is_file():
+            problems.append(f"model.path: {path} is named in {index.name} but missing")
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as e:
+            problems.append(f"model.path: {path} is not a readable safetensors file ({e}); re-download or re-save it")
+    return problems
+
+
+def tokenizer_problems(path: str, vocab_size: int | None, trust_remote_code: bool) -> list[str]:
+    """The tokenizer loads and fits the model's vocabulary (vocab_size None: the model is built to fit it)."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return [f"tokenizer.path: {path} holds none of {', '.join(TOKENIZER_FILES)}; is it a tokenizer folder?"]
+    try:
+        if Path(path).is_file():  # a SentencePiece .model, as prep takes it
+            size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+        else:
+            size = len(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, RuntimeError, ValueError) as e:
+        return [f"tokenizer.path: {path} could not be loaded ({e})"]
+    if vocab_size is not None and size > vocab_size:
+        return [f"tokenizer.path: {path} has {size} tokens, more than the model's vocab_size {vocab_size}; "
+                f"use the model's own tokenizer"]
+    return []
+
+
+# ---- corpus ----------------------------------------------------------------------------------------------
+
+
+def corpus_problems(sources) -> list[str]:
+    """The corpus files exist, are not all empty, and each starts the way its format needs."""
+    try:
+        files = prep.data_files(sources)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    problems = []
+    for path in files:
+        try:
+            read_head(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"data.sources: {path} is unreadable as {path.suffix} ({e})")
+    return problems
+
+
+def read_head(path: Path) -> None:
+    """Read the start of a data file as its suffix says (parquet footer, first JSON line, UTF-8 text)."""
+    if path.suffix == ".parquet":
+        pq.read_metadata(path)
+        return
+    with path.open(encoding="utf-8") as file:
+        head = file.readline() if path.suffix == ".jsonl" else file.read(SNIFF_CHARS)
+    if path.suffix == ".jsonl" and head.strip():
+        json.loads(head)
+
+
+# ---- hosts -----------------------------------------------------------------------------------------------
+
+
+def host_problems(section) -> list[str]:
+    """The hosts the launcher will use (the hostfile's first num_nodes) parse and answer on host_check_port."""
+    hosts, problems = parse_hostfile(Path(section.hostfile))
+    if problems:
+        return problems
+    if len(hosts) < section.num_nodes:
+        return [f"deepspeed.hostfile: {section.hostfile} names {len(hosts)} host(s), fewer than "
+                f"deepspeed.num_nodes ({section.num_nodes})"]
+    remote = [host for host in hosts[:section.num_nodes] if host not in LOCAL_HOSTS]
+    if not remote:
+        return []
+    with ThreadPoolExecutor(max_workers=len(remote)) as pool:  # many dead hosts cost one timeout, not one each
+        answers = pool.map(lambda host: unreachable(host, section.host_check_port), remote)
+    return [f"deepspeed.hostfile: {answer}" for answer in answers if answer]
+
+
+def parse_hostfile(path: Path) -> tuple[list[str], list[str]]:
+    """Host names in file order, and what is wrong with the file, by the launcher's rules (`#` comments)."""
+    hosts, problems = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if match is None:
+            problems.append(f"deepspeed.hostfile: {path}:{number}: {line!r} is not `host slots=N`")
+        elif match[1] in hosts:
+            problems.append(f"deepspeed.hostfile: {path}:{number}: {match[1]} is listed twice")
+        else:
+            hosts.append(match[1])
+    if not hosts and not problems:
+        problems.append(f"deepspeed.hostfile: {path} names no host")
+    return hosts, problems
+
+
+def unreachable(host: str, port: int) -> str | None:
+    """Why `host` cannot be reached on TCP `port` within HOST_TIMEOUT_S; None when it answers."""
+    try:
+        socket.create_connection((host, port), timeout=HOST_TIMEOUT_S).close()
+    except socket.gaierror as e:
+        return f"host {host!r} does not resolve ({e.strerror}); check the name"
+    except OSError as e:  # refused, no route, timed out
+        return (f"host {host!r} does not answer on port {port} ({e.strerror or e}); check that it is up and "
+                f"runs sshd, or set deepspeed.host_check_port (0 skips this check)")
+    return None

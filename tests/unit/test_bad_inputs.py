@@ -1,0 +1,311 @@
+"""Bad inputs fail at start-up with a message naming the key or file, and nothing is written.
+
+The start-up cases go through the real entry point (`pipeline.cli.main`), so the check provably runs before
+prep. Model folders here are fakes: a config.json and a tiny safetensors file, no real weights.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaTokenizer
+
+from pipeline import cli, preflight
+from pipeline import config as config_lib
+from pipeline.checkpoints import check_checkpoint
+from pipeline.stages import prep
+
+REPO = Path(__file__).resolve().parents[2]
+SUPPORTED = "supported: llama, mistral, qwen2"
+
+
+@pytest.fixture
+def run_root(tmp_path) -> Path:
+    """Where a run would write; every start-up failure must leave it absent."""
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def apt_pipeline(run_root, small_corpus, capsys):
+    """Call `apt-pipeline run` (or `command`) on the tiny config with overrides; return (exit code, stderr)."""
+
+    def call(*overrides: str, command: tuple[str, ...] = ("run",)) -> tuple[int, str]:
+        base = [f"run.root={run_root}", f"data.sources=[{small_corpus}]", "data.num_proc=1"]
+        code = cli.main([*command, "--config", "configs/tiny.yaml", *base, *overrides])
+        return code, capsys.readouterr().err
+
+    return call
+
+
+def write_model_dir(directory: Path, model_type: str = "llama", vocab_size: int = 128) -> Path:
+    """A from_pretrained-shaped folder: config.json plus one small safetensors file."""
+    directory.mkdir(parents=True)
+    config = {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
+              "max_position_embeddings": 256}
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({"model.embed_tokens.weight": torch.zeros(vocab_size, 16)}, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_file(tmp_path_factory, small_corpus) -> Path:
+    """A SentencePiece model trained on the small corpus (about 500 pieces)."""
+    texts = [json.loads(record)["text"] for record in small_corpus.read_text().splitlines()]
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    path = tmp_path_factory.mktemp("tokenizer") / "sp.model"
+    path.write_bytes(prep.train_sentencepiece(lines, 512))
+    return path
+
+
+@pytest.fixture
+def hf_tokenizer_dir(tmp_path, sentencepiece_file) -> Path:
+    """The same tokenizer as a HF tokenizer folder."""
+    source = tmp_path / "sp"
+    source.mkdir()
+    shutil.copy(sentencepiece_file, source / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp_path / "hf_tokenizer"))
+    return tmp_path / "hf_tokenizer"
+
+
+# ---- config values (checked by config.load) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    pytest.param("train.foo=1", "train.foo: unknown key", id="unknown-key"),
+    pytest.param("pruning.update_evry=5", "pruning.update_evry: unknown key", id="mistyped-key"),
+    pytest.param("train.steps=ten", "train.steps: 'ten' is not an integer", id="mistyped-value"),
+    pytest.param("pruning.target_remaining=0", "pruning.target_remaining: 0.0 must be in (0, 1]", id="sparsity"),
+    pytest.param("pruning.end_step=0", "pruning.end_step: 0 must be > start_step", id="schedule"),
+    pytest.param("pruning.update_every=0", "pruning.update_every: 0 must be >= 1", id="update-every-0"),
+    pytest.param("model.path=no/such/model", "model.path: 'no/such/model' is not a directory", id="missing-model-dir"),
+])
+def test_bad_config_fails_before_anything_is_written(apt_pipeline, run_root, override, message):
+    code, err = apt_pipeline(override)
+    assert code == 2 and message in err
+    assert not run_root.exists()
+
+
+# ---- the model folder (checked by preflight) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("run",), ("stage", "prep")], ids=["run", "stage-prep"])
+def test_non_llama_model_fails_at_start_up_naming_the_supported_types(apt_pipeline, run_root, tmp_path, command):
+    model_dir = write_model_dir(tmp_path / "gpt2", model_type="gpt2")
+    code, err = apt_pipeline(f"model.path={model_dir}", command=command)
+    assert code == 2 and f"{model_dir / 'config.json'} has model_type 'gpt2'" in err and SUPPORTED in err
+    assert not run_root.exists()
+
+
+def test_model_folder_without_config_json(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")
+    (model_dir / "config.json").unlink()
+    code, err = apt_pipeline(f"model.path={model_dir}")
+    assert code == 2 and f"model.path: {model_dir / 'config.json'} not found" in err
+    assert not run_root.exists()
+
+
+def test_corrupt_safetensors_header(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut inside the JSON header
+    code, err = apt_pipeline(f"model.path={model_dir}")
+    assert code == 2 and f"{weights} is not a readable safetensors file" in err
+    assert not run_root.exists()
+
+
+def test_missing_shard_named_by_the_index(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    code, err = apt_pipeline(f"model.path={model_dir}")
+    assert code == 2 and f"{model_dir / 'model-00002-of-00002.safetensors'} is named in" in err
+    assert not run_root.exists()
+
+
+def test_bin_only_checkpoint_is_refused_with_how_to_convert(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "pytorch_model.bin").write_bytes(b"never unpickled")
+    code, err = apt_pipeline(f"model.path={model_dir}")
+    assert code == 2 and f"model.path: {model_dir} has PyTorch .bin weights only" in err and "save_pretrained" in err
+    assert not run_root.exists()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece-file", "hf-folder"])
+def test_tokenizer_larger_than_the_model_vocab(apt_pipeline, run_root, tmp_path, sentencepiece_file, hf_tokenizer_dir,
+                                               kind):
+    tokenizer = sentencepiece_file if kind == "sentencepiece-file" else hf_tokenizer_dir
+    model_dir = write_model_dir(tmp_path / "model", vocab_size=128)
+    code, err = apt_pipeline(f"model.path={model_dir}", f"tokenizer.path={tokenizer}")
+    size = spm.SentencePieceProcessor(model_file=str(sentencepiece_file)).get_piece_size()
+    assert code == 2 and f"tokenizer.path: {tokenizer} has {size} tokens, more than the model's vocab_size 128" in err
+    assert not run_root.exists()
+
+
+def test_folder_without_tokenizer_files(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")  # config.json alone makes transformers build an empty tokenizer
+    code, err = apt_pipeline(f"model.path={model_dir}", f"tokenizer.path={model_dir}")
+    assert code == 2 and f"tokenizer.path: {model_dir} holds none of tokenizer.json" in err
+    assert not run_root.exists()
+
+
+def test_a_valid_checkpoint_and_tokenizer_pass(tiny_config, tmp_path, hf_tokenizer_dir):
+    model_dir = write_model_dir(tmp_path / "model", vocab_size=1024)
+    preflight.check(tiny_config(f"model.path={model_dir}", f"tokenizer.path={hf_tokenizer_dir}"))
+
+
+# ---- the corpus ------------------------------------------------------------------------------------------
+
+
+def test_empty_corpus(apt_pipeline, run_root, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    code, err = apt_pipeline(f"data.sources=[{tmp_path / 'empty.jsonl'}]")
+    assert code == 2 and "data.sources:" in err and "empty.jsonl" in err and "are empty" in err
+    assert not run_root.exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    pytest.param("notes.jsonl", b"this is not JSON\n", id="jsonl"),
+    pytest.param("table.parquet", b"PAR1 cut short", id="parquet"),
+    pytest.param("book.txt", b"\xff\xfe\x00binary", id="txt-not-utf8"),
+])
+def test_unreadable_corpus(apt_pipeline, run_root, tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    code, err = apt_pipeline(f"data.sources=[{tmp_path / name}]")
+    assert code == 2 and f"data.sources: {tmp_path / name} is unreadable" in err
+    assert not run_root.exists()
+
+
+# ---- hosts -----------------------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("host, port", [("node-b.invalid", 22), ("127.0.0.2", None)], ids=["unresolvable", "refused"])
+def test_unreachable_host_fails_fast_naming_it(apt_pipeline, run_root, tmp_path, host, port):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"# head node first\nlocalhost slots=2\n{host} slots=2\n")
+    started = time.monotonic()
+    code, err = apt_pipeline(f"deepspeed.hostfile={hostfile}", "deepspeed.num_nodes=2",
+                             f"deepspeed.host_check_port={port or closed_port()}")
+    assert code == 2 and f"deepspeed.hostfile: host {host!r} does not" in err
+    assert time.monotonic() - started < preflight.HOST_TIMEOUT_S + 2
+    assert not run_root.exists()
+
+
+def test_hostfile_with_fewer_hosts_than_nodes(apt_pipeline, run_root, tmp_path):
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    code, err = apt_pipeline(f"deepspeed.hostfile={tmp_path / 'hosts'}", "deepspeed.num_nodes=2")
+    assert code == 2 and "names 1 host(s), fewer than deepspeed.num_nodes (2)" in err
+    assert not run_root.exists()
+
+
+def test_hosts_that_answer_on_the_configured_port_pass(tiny_config, tmp_path):
+    with socket.socket() as server:
+        server.bind(("127.0.0.2", 0))
+        server.listen()
+        (tmp_path / "hosts").write_text("localhost slots=2\n127.0.0.2 slots=2\n")
+        preflight.check(tiny_config(f"deepspeed.hostfile={tmp_path / 'hosts'}", "deepspeed.num_nodes=2",
+                                    f"deepspeed.host_check_port={server.getsockname()[1]}"))
+
+
+# ---- a DeepSpeed checkpoint to resume from --------------------------------------------------------------
+
+
+def write_checkpoint(folder: Path, tag: str) -> Path:
+    """A tag folder shaped like DeepSpeed's: model states and one rank's optimizer states (torch zip files)."""
+    (folder / tag).mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(3)}}, folder / tag / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, folder / tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (folder / "latest").write_text(tag)
+    return folder / tag
+
+
+def listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+def test_truncated_deepspeed_checkpoint_names_the_folder_and_the_previous_tag(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints, "step10")
+    broken = write_checkpoint(checkpoints, "step20")
+    states = broken / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    os.truncate(states, states.stat().st_size // 2)
+    before = listing(checkpoints)
+    with pytest.raises(RuntimeError) as err:
+        check_checkpoint(checkpoints)
+    message = str(err.value)
+    assert f"checkpoint {broken} (named by latest)" in message and f"{states.name}: truncated" in message
+    assert f"echo step10 > {checkpoints / 'latest'}" in message and f"delete {checkpoints}" in message
+    assert listing(checkpoints) == before
+
+
+def test_latest_naming_a_missing_folder(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints, "step10")
+    (checkpoints / "latest").write_text("step20")
+    with pytest.raises(RuntimeError, match=f"{checkpoints / 'step20'} does not exist(.|\n)*echo step10"):
+        check_checkpoint(checkpoints)
+
+
+def test_complete_checkpoint_or_none_passes(tmp_path):
+    check_checkpoint(tmp_path / "checkpoints")  # no latest: a fresh start
+    write_checkpoint(tmp_path / "checkpoints", "step10")
+    check_checkpoint(tmp_path / "checkpoints")
+
+
+# ---- safe loading ----------------------------------------------------------------------------------------
+
+
+def test_trust_remote_code_is_off_unless_the_config_sets_it(tmp_path):
+    assert config_lib.load(None).model.trust_remote_code is False
+    tokenizer_dir = tmp_path / "remote_tokenizer"
+    tokenizer_dir.mkdir()
+    marker = tmp_path / "code_ran"
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "RemoteTokenizer", "auto_map": {"AutoTokenizer": ["remote.RemoteTokenizer", None]}}))
+    (tokenizer_dir / "vocab.json").write_text("{}")
+    (tokenizer_dir / "remote.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    problems = preflight.tokenizer_problems(str(tokenizer_dir), None, trust_remote_code=False)
+    assert len(problems) == 1 and "trust_remote_code" in problems[0]
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_repository_is_weights_only():
+    unsafe = []
+    for folder in ("pipeline", "tests", "bench", "launch", "data"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                    keywords = {k.arg: k.value for k in node.keywords}
+                    weights_only = keywords.get("weights_only")
+                    if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                        unsafe.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+@pytest.mark.parametrize("extra, host", [((), "127.0.0.1"), (("--host", "0.0.0.0"), "0.0.0.0")],
+                         ids=["default", "told-otherwise"])
+def test_mlflow_server_script_binds_loopback_unless_told_otherwise(tmp_path, extra, host):
+    result = subprocess.run(["bash", str(REPO / "launch" / "mlflow_server.sh"), str(tmp_path / "store"), *extra],
+                            capture_output=True, text=True, env={**os.environ, "MLFLOW": "echo"}, check=True)
+    assert result.stdout.split()[:3] == ["server", "--host", host]

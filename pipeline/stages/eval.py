@@ -31,7 +31,8 @@ def run(cfg, run_dir: Path) -> dict:
     prompts = validation[: section.batch_size]["input_ids"][:, : section.prompt_tokens]
     metrics = {}
     for name, directory in models.items():
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                     trust_remote_code=cfg.model.trust_remote_code).eval()
         metrics[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "val_perplexity": perplexity(model, validation, section.batch_size, section.batches),

@@ -34,7 +34,8 @@ log = dist.get_logger("apt.finalize")
 
 def run(cfg, run_dir: Path) -> dict:
     pruning = cfg.pruning
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir(cfg.model, run_dir))))
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir(cfg.model, run_dir)),
+                                                        trust_remote_code=cfg.model.trust_remote_code))
     trained = final_masks(run_dir / "finetune")
     trained.check_gqa(shape, pruning.attention_mode)
     scores = read_scores(run_dir / "salience")

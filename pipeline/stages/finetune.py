@@ -33,6 +33,7 @@ from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
 from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.search import search_masks
+from pipeline.checkpoints import check_checkpoint
 from pipeline.ds_config import load_ds_config, zero_stage
 from pipeline.model_io import load_base_model
 from pipeline.stage import write_atomic
@@ -59,6 +60,7 @@ class AptState:
 def run(cfg, run_dir: Path) -> dict:
     stage_dir = run_dir / "finetune"
     train, pruning = cfg.train, cfg.pruning
+    check_checkpoint(stage_dir / "checkpoints")  # a truncated or missing `latest` tag fails here, naming the fix
     dist.init_distributed(cfg.deepspeed.timeout_minutes)
     world_size, rank = dist.world_size(), dist.rank()
     seed_everything(cfg.run.seed)

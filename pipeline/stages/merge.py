@@ -40,6 +40,7 @@ def run(cfg, run_dir: Path) -> dict:
         scaling=cfg.apt.alpha / cfg.apt.rank,
         dtype=DTYPES[cfg.export.dtype],
         out_dir=out_dir,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer")).save_pretrained(str(out_dir))
     log.info("merge: wrote %s (%d parameters, %s)", out_dir, summary["params"], cfg.export.dtype)
@@ -83,11 +84,11 @@ def _tensor_names(path: Path) -> list[str]:
 
 @torch.no_grad()
 def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scaling: float, dtype: torch.dtype,
-                  out_dir: Path) -> dict:
+                  out_dir: Path, trust_remote_code: bool = False) -> dict:
     """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
 
     Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type."""
-    config = AutoConfig.from_pretrained(str(base_dir))
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
     plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
     per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}

@@ -118,6 +118,9 @@ class APTLinear(nn.Module):
         # s = alpha / r with r the initial rank, fixed for the adapter's life: growth then leaves outputs unchanged.
         self.scaling = alpha / rank if rank else 0.0
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # (A, B) used instead of the trained pair during a teacher forward (`distill.teacher_mode`). Plain tensors,
+        # not parameters: DeepSpeed never partitions or steps them, and the trained parameters stay untouched.
+        self.teacher_lora: tuple[torch.Tensor, torch.Tensor] | None = None
         if rank:
             factory = {"dtype": base.weight.dtype, "device": base.weight.device}
             self.lora_A = nn.Parameter(_init_lora_rows(rank, self.in_features, generator, **factory))
@@ -131,7 +134,10 @@ class APTLinear(nn.Module):
         if self.in_mask is not None:
             x = self.in_mask(x)
         y = self.base(x)
-        if self.lora_A is not None:
+        if self.teacher_lora is not None:
+            teacher_A, teacher_B = self.teacher_lora
+            y = y + self.scaling * F.linear(F.linear(x, teacher_A), teacher_B)
+        elif self.lora_A is not None:
             y = y + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         if self.out_mask is not None:
             y = self.out_mask(y)
@@ -286,6 +292,12 @@ class RankGrowth:
     old_B: nn.Parameter
     new_B: nn.Parameter
 
+    def carry(self) -> dict[nn.Parameter, tuple[nn.Parameter, tuple[slice, ...]]]:
+        """Old parameter -> (new parameter, where the old values sit in it), as `pipeline.engine` takes it."""
+        old_rows = (slice(0, self.old_rank), slice(None))
+        old_columns = (slice(None), slice(0, self.old_rank))
+        return {self.old_A: (self.new_A, old_rows), self.old_B: (self.new_B, old_columns)}
+
 
 @torch.no_grad()
 def grow_rank(adapter: APTLinear, k: int, generator: torch.Generator | None = None) -> RankGrowth:
@@ -314,6 +326,40 @@ def adapter_salience(adapter: APTLinear) -> torch.Tensor:
         if param is not None and param.grad is not None
     ]
     return torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float32)
+
+
+def adapter_params(adapters: list[tuple[str, APTLinear]]) -> int:
+    """Trainable adapter parameters: r·(in + out) per adapter."""
+    return sum(adapter.rank * (adapter.in_features + adapter.out_features) for _, adapter in adapters)
+
+
+def plan_rank_growth(
+    adapters: list[tuple[str, APTLinear]],
+    salience: dict[str, float],
+    *,
+    initial_rank: int,
+    max_multiplier: int,
+    budget_params: int,
+) -> dict[str, int]:
+    """Ranks to add per adapter: the most salient half grows, one rank each per round, while the budget allows.
+
+    No adapter passes `max_multiplier × initial_rank`, and all adapters together stay within `budget_params`.
+    Equal salience is broken by name, so every rank that holds the same salience makes the same plan.
+    """
+    ranked = sorted(adapters, key=lambda item: (-salience[item[0]], item[0]))
+    growing = ranked[: max(1, len(ranked) // 2)]
+    free = budget_params - adapter_params(adapters)
+    plan = dict.fromkeys((name for name, _ in growing), 0)
+    grew = True
+    while grew:  # round-robin, most salient first: equal growth when the budget is ample, the top first when not
+        grew = False
+        for name, adapter in growing:
+            cost = adapter.in_features + adapter.out_features
+            if adapter.rank + plan[name] < max_multiplier * initial_rank and cost <= free:
+                plan[name] += 1
+                free -= cost
+                grew = True
+    return {name: k for name, k in plan.items() if k > 0}
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""Self-distillation without a second model (DESIGN.md §5).
+
+The teacher is the student's own frozen backbone with a frozen copy of the adapters taken before pruning, run with
+every mask at one. `teacher_mode` switches the model into that teacher for one forward and back; only small adapter
+tensors are stored, so memory stays near one model. The loss is the official APT/CoFi one: KL at temperature T
+(times T²) on the logits plus an MSE between mapped hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.apt.adapters import MASK_NAMES, named_adapters
+
+TeacherAdapters = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Adapter module name -> frozen (A, B)."""
+
+
+@torch.no_grad()
+def freeze_adapters(model: nn.Module, read: Callable[[nn.Parameter], torch.Tensor] | None = None) -> TeacherAdapters:
+    """Detached copies of every adapter's (A, B) in the model's dtype: the teacher's adapters.
+
+    `read` returns a parameter's full value; under ZeRO pass `deepspeed.utils.safe_get_full_fp32_param`
+    (a collective: call it on every rank).
+    """
+    read = read or (lambda param: param.detach())
+
+    def frozen(param: nn.Parameter) -> torch.Tensor:
+        return read(param).to(param.dtype).clone()
+
+    return {name: (frozen(adapter.lora_A), frozen(adapter.lora_B)) for name, adapter in named_adapters(model)}
+
+
+@contextmanager
+def teacher_mode(model: nn.Module, teacher: TeacherAdapters) -> Iterator[None]:
+    """Inside, the model computes the teacher under `torch.no_grad`: frozen adapters, every mask one.
+
+    Nothing the student trains is touched (the adapters read `teacher_lora`, the mask store gets other buffers),
+    so DeepSpeed's partitioned parameters stay as they are and leaving restores the student exactly.
+    """
+    store = model.apt_masks
+    student_masks = {name: getattr(store, name) for name in MASK_NAMES}
+    adapters = dict(named_adapters(model))
+    try:
+        for name, mask in student_masks.items():
+            setattr(store, name, torch.ones_like(mask))  # replaces the registered buffer, leaves the student's alone
+        for name, (teacher_A, teacher_B) in teacher.items():
+            adapters[name].teacher_lora = (teacher_A, teacher_B)
+        with torch.no_grad():
+            yield
+    finally:
+        for name, mask in student_masks.items():
+            setattr(store, name, mask)
+        for adapter in adapters.values():
+            adapter.teacher_lora = None
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: tuple[torch.Tensor, ...],
+    teacher_hidden: tuple[torch.Tensor, ...],
+    layer_map: dict[int, int],
+    *,
+    temperature: float = 2.0,
+    logit_weight: float = 0.1,
+    layer_weight: float = 0.9,
+) -> torch.Tensor:
+    """`logit_weight`·KL(teacher ‖ student) at `temperature` (× T²) + `layer_weight`·Σ MSE(student[j], teacher[i]).
+
+    `layer_map` maps a teacher hidden-state index i to a student index j. The default weights are those of the
+    official APT/CoFi code (distill_ce_loss_alpha = 0.1, distill_loss_alpha = 0.9). Pruned residual channels are
+    zero in the student and add a constant to the MSE, without gradient.
+    """
+    vocab = student_logits.shape[-1]
+    log_student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    # batchmean over tokens: the KL per token position, as with one logit row per example in the official code.
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+    mse = sum(
+        (F.mse_loss(student_hidden[j].float(), teacher_hidden[i].float()) for i, j in layer_map.items()),
+        start=kl.new_zeros(()),
+    )
+    return logit_weight * kl + layer_weight * mse
+
+
+@torch.no_grad()
+def match_layers(
+    student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...], teacher_layers: list[int]
+) -> dict[int, int]:
+    """For each teacher layer (ascending), the student layer at or after the previous match with the least MSE.
+
+    The official code's "min distance matching with restriction" (layer_distill_version 4): matches never cross.
+    """
+    layer_map, first = {}, 0
+    for i in sorted(teacher_layers):
+        errors = [F.mse_loss(student_hidden[j].float(), teacher_hidden[i].float()) for j in
+                  range(first, len(student_hidden))]
+        first += int(torch.stack(errors).argmin())
+        layer_map[i] = first
+    return layer_map

@@ -140,7 +140,9 @@ class AptSection:
     max_rank_multiplier: int = 8
     """An adapter grows to at most this times its initial rank."""
     grow_every: int = 0
-    """Steps between rank-growth updates (0: never grow)."""
+    """Steps between rank-growth updates (0: never grow); each growth rebuilds the DeepSpeed engine."""
+    tuning_budget: float = 4.0
+    """Adapter parameters may grow to this multiple of their initial count."""
     salience_momentum: float = 0.85
     """EMA momentum of block salience between pruning updates."""
     distill: bool = False
@@ -159,6 +161,8 @@ class AptSection:
             out.append(f"max_rank_multiplier: {self.max_rank_multiplier} must be >= 1")
         if self.grow_every < 0:
             out.append(f"grow_every: {self.grow_every} must be >= 0")
+        if self.tuning_budget < 1:
+            out.append(f"tuning_budget: {self.tuning_budget} must be >= 1 (a multiple of the initial adapters)")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout: {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.salience_momentum < 1.0:

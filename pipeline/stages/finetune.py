@@ -27,7 +27,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from pipeline import dist
-from pipeline.apt.adapters import inject_adapters, set_masks
+from pipeline.apt.adapters import (
+    adapter_params,
+    grow_rank,
+    inject_adapters,
+    named_adapters,
+    plan_rank_growth,
+    set_masks,
+)
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
@@ -35,6 +42,7 @@ from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.search import search_masks
 from pipeline.checkpoints import check_checkpoint
 from pipeline.ds_config import load_ds_config, zero_stage
+from pipeline.engine import global_adapter_salience, grow_adapters, rebuild_engine
 from pipeline.model_io import load_base_model
 from pipeline.stage import write_atomic
 from pipeline.tracking import metric_logger
@@ -75,11 +83,13 @@ def run(cfg, run_dir: Path) -> dict:
                     dropout=cfg.apt.dropout, generator=torch.Generator().manual_seed(cfg.run.seed))
     salience = SalienceAccumulator(shape)
     salience.attach(model)
+    growth_budget = cfg.apt.tuning_budget * adapter_params(list(named_adapters(model)))  # of the initial adapters
+    checkpoints = stage_dir / "checkpoints"
+    regrow_to_checkpoint(model, checkpoints, cfg.run.seed)  # grown adapters must exist before their weights load
     engine = build_engine(model, ds_config, train)
     total = total_params(shape)
 
     state = AptState(masks=MaskSet.ones(shape), target=MaskSet.ones(shape))
-    checkpoints = stage_dir / "checkpoints"
     if (checkpoints / "latest").is_file():
         state = resume(engine, checkpoints, salience)
         log.info("resumed from %s at step %d", (checkpoints / "latest").read_text().strip(), state.step)
@@ -93,14 +103,19 @@ def run(cfg, run_dir: Path) -> dict:
     while state.step < train.steps:
         started = time.perf_counter()
         loss_sum = 0.0
+        grow_now = cfg.apt.grow_every > 0 and (state.step + 1) % cfg.apt.grow_every == 0
         for micro in range(train.grad_accum):
             batch = splits["train"][batches.indices(state.step * train.grad_accum + micro)]
             salience.grad_scale = world_size * loss_scale(engine)
             loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             engine.backward(loss)
+            if grow_now and micro == train.grad_accum - 1:  # full gradients exist only before the step
+                adapter_scores = global_adapter_salience(named_adapters(engine.module))
             engine.step()
             loss_sum += loss.item()
         state.step += 1
+        if grow_now:
+            engine = grow(engine, adapter_scores, cfg.apt, growth_budget, ds_config, train, cfg.run.seed + state.step)
 
         rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
                                  final=pruning.target_remaining)
@@ -114,6 +129,7 @@ def run(cfg, run_dir: Path) -> dict:
         step_time = time.perf_counter() - started
         kept = kept_sizes(state.masks)
         row = {"loss": loss_sum / train.grad_accum, "lr": engine.get_lr()[0], "remaining_target": rho,
+               "adapter_params": adapter_params(list(named_adapters(engine.module))),
                "remaining": remaining_params(shape, kept) / total, "kept_hidden": kept.hidden,
                "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
                "tokens_per_s": tokens_per_step / step_time}
@@ -145,9 +161,8 @@ def run(cfg, run_dir: Path) -> dict:
 # ---- model and engine ----------------------------------------------------------------------------------
 
 
-def build_engine(model, ds_config: dict, train):
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+def optimizer_factory(train):
+    """params -> (AdamW, warmup-then-cosine LambdaLR): what every engine build and rebuild uses."""
     warmup = max(train.warmup_steps, 0)
 
     def lr_lambda(step: int) -> float:  # linear warmup, then cosine decay to 10% over the run
@@ -156,7 +171,15 @@ def build_engine(model, ds_config: dict, train):
         progress = (step - warmup) / max(1, train.steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    def make(params):
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    return make
+
+
+def build_engine(model, ds_config: dict, train):
+    optimizer, scheduler = optimizer_factory(train)([p for p in model.parameters() if p.requires_grad])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
 
@@ -272,8 +295,41 @@ def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
+def grow(engine, adapter_scores: dict[str, float], apt, budget: float, ds_config: dict, train, seed: int):
+    """Give the most salient adapters more rank and rebuild the engine, carrying optimizer state over."""
+    adapters = list(named_adapters(engine.module))
+    plan = plan_rank_growth(adapters, adapter_scores, initial_rank=apt.rank, max_multiplier=apt.max_rank_multiplier,
+                            budget_params=budget)
+    if not plan:
+        return engine
+    log.info("rank growth: %d adapters grow by %d ranks in all", len(plan), sum(plan.values()))
+    generator = torch.Generator().manual_seed(seed)  # the same new rows on every rank
+    return rebuild_engine(engine, ds_config, optimizer_factory(train),
+                          reshape=lambda model: grow_adapters(model, plan, generator))
+
+
+def ranks_file(checkpoints: Path, tag: str) -> Path:
+    return checkpoints / f"ranks-{tag}.json"
+
+
+def regrow_to_checkpoint(model, checkpoints: Path, seed: int) -> None:
+    """Grow a fresh model's adapters to the ranks the latest checkpoint was saved with."""
+    latest = checkpoints / "latest"
+    if not latest.is_file():
+        return
+    saved = json.loads(ranks_file(checkpoints, latest.read_text().strip()).read_text())
+    generator = torch.Generator().manual_seed(seed)  # values are overwritten by the checkpoint
+    for name, adapter in named_adapters(model):
+        if saved[name] > adapter.rank:
+            grow_rank(adapter, saved[name] - adapter.rank, generator)
+
+
 def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulator) -> None:
     """Trainable weights + optimizer (DeepSpeed) and the APT state as client state; `latest` moves last."""
+    tag = f"step{state.step}"
+    if dist.is_main():  # written before `latest` names the tag, so a resume always finds it
+        ranks = {name: adapter.rank for name, adapter in named_adapters(engine.module)}
+        write_atomic(ranks_file(checkpoints, tag), json.dumps(ranks, indent=1))
     client_state = {
         "apt_step": state.step,
         "apt_masks": state.masks.to_dict(),
@@ -282,7 +338,7 @@ def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulat
         "apt_salience_sums": salience.state_dict(),
         "apt_rng": rng_state(),
     }
-    engine.save_checkpoint(str(checkpoints), tag=f"step{state.step}", client_state=client_state,
+    engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
                            exclude_frozen_parameters=True)
 
 

@@ -148,3 +148,32 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, prep_dir):
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir):
+    common = ["apt.grow_every=10", "train.checkpoint_every=10", "train.precision=fp32",
+              "deepspeed.config=ds_configs/zero2_cpu.json"]
+    straight = make_config(tmp_path, prep_dir, "straight", *common)
+    spawn(finetune_rank, 2, straight, False)
+    rows = [json.loads(line) for line in (straight.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    sizes = [r["adapter_params"] for r in rows if "adapter_params" in r]
+    assert sizes[9] > sizes[8] == sizes[0]  # grown at step 10
+    assert max(sizes) <= 4.0 * sizes[0]  # apt.tuning_budget
+    curve = losses(straight.run_dir)
+    assert sum(curve[-10:]) / 10 < sum(curve[:3]) / 3 - 0.1
+
+    # Resume from the step-20 checkpoint (taken after the second growth) in a copy of the run.
+    resumed = make_config(tmp_path, prep_dir, "resumed", *common)
+    checkpoints = resumed.run_dir / "finetune" / "checkpoints"
+    shutil.copytree(straight.run_dir / "finetune" / "checkpoints", checkpoints)
+    shutil.copytree(straight.run_dir / "finetune" / "base_model", resumed.run_dir / "finetune" / "base_model")
+    shutil.rmtree(checkpoints / "step30")
+    (checkpoints / "latest").write_text("step20")
+    spawn(finetune_rank, 2, resumed, False)
+    for name in ("adapters.safetensors", "apt_state.safetensors"):
+        expected = load_file(str(straight.run_dir / "finetune" / name))
+        actual = load_file(str(resumed.run_dir / "finetune" / name))
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)

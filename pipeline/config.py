@@ -148,6 +148,7 @@ class AptSection:
     distill: bool = False
     """Self-distillation from the pre-pruning adapters (KL at temperature 2 + hidden-state term)."""
     distill_weight: float = 0.5
+    """mu in (1 - mu) * task loss + mu * distillation loss."""
 
     def problems(self) -> list[str]:
         out = []
@@ -167,8 +168,6 @@ class AptSection:
             out.append(f"dropout: {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.salience_momentum < 1.0:
             out.append(f"salience_momentum: {self.salience_momentum} must be in [0, 1)")
-        if self.distill:
-            out.append("distill: self-distillation is not wired into the finetune loop yet; set it to false")
         if not 0.0 <= self.distill_weight <= 1.0:
             out.append(f"distill_weight: {self.distill_weight} must be in [0, 1]")
         return out

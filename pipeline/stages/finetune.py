@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -36,6 +36,7 @@ from pipeline.apt.adapters import (
     set_masks,
 )
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
 from pipeline.apt.schedule import remaining_fraction
@@ -61,8 +62,8 @@ class AptState:
     masks: MaskSet | None = None
     target: MaskSet | None = None
     ema: SalienceScores | None = None
-    salience_sums: dict = field(default_factory=dict)
-    rng: dict = field(default_factory=dict)
+    teacher: dict | None = None
+    """Self-distillation: the adapters frozen at the start of the pruning window (name -> (A, B))."""
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -102,17 +103,20 @@ def run(cfg, run_dir: Path) -> dict:
     progress = tqdm(total=train.steps, initial=state.step, desc="finetune", disable=not dist.is_main())
     while state.step < train.steps:
         started = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = objective_sum = 0.0
         grow_now = cfg.apt.grow_every > 0 and (state.step + 1) % cfg.apt.grow_every == 0
+        if cfg.apt.distill and state.teacher is None and state.step >= pruning.start_step:
+            state.teacher = freeze_adapters(engine.module, read=safe_get_full_fp32_param)  # collective
         for micro in range(train.grad_accum):
             batch = splits["train"][batches.indices(state.step * train.grad_accum + micro)]
             salience.grad_scale = world_size * loss_scale(engine)
-            loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss, task_loss = training_loss(engine, batch, state.teacher, salience, cfg.apt.distill_weight)
             engine.backward(loss)
             if grow_now and micro == train.grad_accum - 1:  # full gradients exist only before the step
                 adapter_scores = global_adapter_salience(named_adapters(engine.module))
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += task_loss.item()
+            objective_sum += loss.item()
         state.step += 1
         if grow_now:
             engine = grow(engine, adapter_scores, cfg.apt, growth_budget, ds_config, train, cfg.run.seed + state.step)
@@ -128,7 +132,8 @@ def run(cfg, run_dir: Path) -> dict:
 
         step_time = time.perf_counter() - started
         kept = kept_sizes(state.masks)
-        row = {"loss": loss_sum / train.grad_accum, "lr": engine.get_lr()[0], "remaining_target": rho,
+        row = {"loss": loss_sum / train.grad_accum, "objective": objective_sum / train.grad_accum,
+               "lr": engine.get_lr()[0], "remaining_target": rho,
                "adapter_params": adapter_params(list(named_adapters(engine.module))),
                "remaining": remaining_params(shape, kept) / total, "kept_hidden": kept.hidden,
                "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
@@ -182,6 +187,23 @@ def build_engine(model, ds_config: dict, train):
     optimizer, scheduler = optimizer_factory(train)([p for p in model.parameters() if p.requires_grad])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def training_loss(engine, batch: dict, teacher, salience: SalienceAccumulator, distill_weight: float):
+    """(objective, causal-LM loss): the objective mixes in self-distillation once a teacher exists (DESIGN.md §5)."""
+    if teacher is None:
+        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        return loss, loss
+    salience.enabled = False  # the teacher's activations are not the student's salience
+    with teacher_mode(engine.module, teacher):
+        teacher_out = engine(input_ids=batch["input_ids"], output_hidden_states=True)
+    salience.enabled = True
+    student_out = engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
+    layers = list(range(1, len(teacher_out.hidden_states)))
+    layer_map = match_layers(student_out.hidden_states, teacher_out.hidden_states, layers)
+    distill = distill_loss(student_out.logits, teacher_out.logits, student_out.hidden_states,
+                           teacher_out.hidden_states, layer_map)
+    return (1 - distill_weight) * student_out.loss + distill_weight * distill, student_out.loss
 
 
 def loss_scale(engine) -> float:
@@ -336,6 +358,7 @@ def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulat
         "apt_target": state.target.to_dict(),
         "apt_ema": None if state.ema is None else asdict(state.ema),
         "apt_salience_sums": salience.state_dict(),
+        "apt_teacher": state.teacher,
         "apt_rng": rng_state(),
     }
     engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
@@ -355,7 +378,7 @@ def resume(engine, checkpoints: Path, salience: SalienceAccumulator) -> AptState
     ema = client["apt_ema"]
     return AptState(step=client["apt_step"], masks=MaskSet.from_dict(client["apt_masks"]),
                     target=MaskSet.from_dict(client["apt_target"]),
-                    ema=None if ema is None else SalienceScores(**ema))
+                    ema=None if ema is None else SalienceScores(**ema), teacher=client["apt_teacher"])
 
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """finetune under DeepSpeed on 2 real gloo ranks: training works, N ranks decide like one, resume is exact."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -177,3 +178,20 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_self_distillation_trains_under_zero3(tmp_path, prep_dir):
+    # The teacher is the model tuned for 10 steps before pruning starts, as in APT.
+    cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5",
+                      "pruning.start_step=10", "pruning.end_step=25", "train.steps=35",
+                      "deepspeed.config=ds_configs/zero3_cpu.json", "train.precision=bf16")
+    spawn(finetune_rank, 2, cfg, False)
+    rows = [json.loads(line) for line in (cfg.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["objective"]) for r in rows)
+    assert all(r["objective"] == r["loss"] for r in rows[:10])  # no teacher yet
+    assert all(r["objective"] != r["loss"] for r in rows[10:])  # the distillation term is in the objective
+    assert sum(r["loss"] for r in rows[-10:]) / 10 < sum(r["loss"] for r in rows[:3]) / 3
+    summary = json.loads((cfg.run_dir / "finetune" / "manifest.json").read_text())["summary"]
+    assert summary["remaining_fraction"] <= 0.5

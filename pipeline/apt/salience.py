@@ -20,6 +20,8 @@ from pipeline.apt.blocks import ModelShape
 BLOCKS = ("attention", "mlp", "hidden")
 STATS = ("act_abs", "grad_abs", "count", "sum1", "sum2", "sum3", "sum4")
 """Σ|H|, Σ|∂L/∂H|, n, Σx, Σx², Σx³, Σx⁴ per channel (n per row: every channel of a row sees the same tokens)."""
+ACTIVATION_STATS = ("act_abs", "sum1", "sum2", "sum3", "sum4")
+"""The rows of `power_sums`, in order."""
 
 
 @dataclass
@@ -52,6 +54,21 @@ def kurtosis_from_moments(
     has_spread = m2 > 0
     safe_m2 = torch.where(has_spread, m2, torch.ones_like(m2))
     return torch.where(has_spread, m4 / safe_m2**2, torch.zeros_like(m2))
+
+
+@torch.no_grad()
+def power_sums(h: torch.Tensor) -> torch.Tensor:
+    """Σ|x|, Σx, Σx², Σx³, Σx⁴ over the rows of a [tokens, C] batch, as float64 [5, C] on its device.
+
+    Float64 throughout, since central moments come from raw sums by cancellation. Two [tokens, C] buffers,
+    overwritten in place, serve every power: a fresh buffer per power (allocation, page faults) cost more.
+    """
+    x = h.to(torch.float64, copy=True)  # ours to overwrite, whatever h's dtype
+    power = x * x
+    sum1, sum2 = x.sum(0), power.sum(0)
+    sum3 = power.mul_(x).sum(0)  # power now holds x³
+    sum4 = power.mul_(x).sum(0)  # and now x⁴
+    return torch.stack([x.abs_().sum(0), sum1, sum2, sum3, sum4])
 
 
 class SalienceAccumulator:
@@ -88,12 +105,10 @@ class SalienceAccumulator:
         """Add a batch of activations [..., C] of one block row to the sums."""
         sums = self.sums[block]
         flat = h.detach().reshape(-1, h.shape[-1])
-        # Float64 for the power sums: central moments come from raw ones by cancellation.
-        x = flat.to(torch.float64)
-        x2 = x * x
+        batch_sums = power_sums(flat).to(sums["sum1"].device)  # one transfer for all five
         sums["count"][row] += flat.shape[0]
-        for stat, power in (("act_abs", x.abs()), ("sum1", x), ("sum2", x2), ("sum3", x2 * x), ("sum4", x2 * x2)):
-            sums[stat][row] += power.sum(0).to(sums[stat].device)
+        for stat, batch_sum in zip(ACTIVATION_STATS, batch_sums, strict=True):
+            sums[stat][row] += batch_sum
 
     @torch.no_grad()
     def add_gradients(self, block: str, row: int, grad: torch.Tensor) -> None:

@@ -51,6 +51,47 @@ def test_kurtosis_of_merged_chunks_equals_scipy_on_the_whole_data():
     assert sums["count"].tolist() == [0, 3000] and sums["sum1"][0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kurtosis_survives_a_large_mean_and_bf16_activations(dtype):
+    # Raw power sums lose the spread to cancellation unless powers and sums keep float64 digits (x⁴ at x ≈ 100
+    # in float32 rounds by more than the whole central m4). One 20000-token batch: the error must not grow with it.
+    generator = torch.Generator().manual_seed(2)
+    data = (100.0 + torch.randn(24000, SMALL.intermediate_size, generator=generator)).to(dtype)
+    data[torch.randint(24000, (30,), generator=generator)] += 12  # outliers, as activations have
+    packed = []
+    for chunk in data.split([20000, 1000, 3000]):
+        rank = SalienceAccumulator(SMALL)
+        for batch in chunk.split(1000 if len(chunk) < 20000 else 20000):
+            rank.add_activations("mlp", 0, batch)
+        packed.append(rank.pack())
+    merged = SalienceAccumulator(SMALL)
+    merged.load_packed(torch.stack(packed).sum(0))
+
+    sums = merged.sums["mlp"]
+    kurtosis = kurtosis_from_moments(
+        sums["count"][0], sums["sum1"][0], sums["sum2"][0], sums["sum3"][0], sums["sum4"][0]
+    )
+    exact = data.double()
+    expected = scipy.stats.kurtosis(exact.numpy(), axis=0, fisher=False)
+    torch.testing.assert_close(kurtosis, torch.from_numpy(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums["act_abs"][0], exact.abs().sum(0), rtol=1e-6, atol=0)
+
+
+def test_sums_do_not_depend_on_how_tokens_are_split_into_batches_and_ranks():
+    # Zero-mean data, so Σx and Σx³ cancel to a small fraction of Σ|x| and Σ|x|³: the merged sums must still agree
+    # with one pass over all tokens element by element, as N ranks must agree with one process.
+    data = torch.randn(4096, SMALL.hidden_size, generator=torch.Generator().manual_seed(3))
+    whole = SalienceAccumulator(SMALL)
+    whole.add_activations("hidden", 0, data)
+    packed = []
+    for chunk in data.split([1536, 2560]):
+        rank = SalienceAccumulator(SMALL)
+        for batch in chunk.split(512):
+            rank.add_activations("hidden", 0, batch)
+        packed.append(rank.pack())
+    torch.testing.assert_close(torch.stack(packed).sum(0), whole.pack(), rtol=1e-9, atol=1e-9)
+
+
 def test_channel_score_on_a_hand_computed_case():
     accumulator = SalienceAccumulator(SMALL)
     h = torch.zeros(4, SMALL.hidden_size)

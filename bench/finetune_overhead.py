@@ -9,11 +9,9 @@ Run from the repository root (bench/RESULTS.md gives the command of the recorded
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -24,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,6 +29,8 @@ from pipeline.apt.adapters import APTLinear, inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
+
+from report import environment_lines, write_section
 
 SECTION = "## Fine-tuning overhead"
 MIB = 1024 * 1024
@@ -336,23 +335,6 @@ def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def environment_lines() -> list[str]:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-        f"1-minute load average {os.getloadavg()[0]:.1f} at the end (other processes share the machine)",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- date: {now}",
-    ]
-
-
 def step_table(variants: list[TimedVariant], rounds: list[dict], tokens: int) -> list[str]:
     lines = [
         "| variant | what | median wall (s) | median CPU (s) | of which hooks (ms) | tokens/s (wall) "
@@ -429,21 +411,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file (or add it), keeping every other section."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else ["# Benchmarks\n"]
-    headings = [i for i, line in enumerate(lines) if line.startswith("## ")]
-    ours = [i for i in headings if lines[i].rstrip() == SECTION]
-    if not ours:
-        text = "".join(lines).rstrip("\n") + "\n\n" + section
-    else:
-        start = ours[0]
-        end = next((i for i in headings if i > start), len(lines))
-        after = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -459,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, command, variants, rounds, memory)
     print(section)
     if args.results is not None:
-        write_section(args.results, section)
+        write_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":

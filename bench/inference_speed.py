@@ -12,9 +12,7 @@ Run from the repository root: `.venv/bin/python bench/inference_speed.py --resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -36,6 +34,8 @@ from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_
 from pipeline.apt.masks import ATTENTION_MODES
 from pipeline.apt.search import search_masks
 from pipeline.stages.merge import DTYPES, export_pruned
+
+from report import environment_lines, write_section
 
 SECTION = "## Inference speed of the export"
 TARGET = 1.8  # the issue's target: generate tokens/s of the ~50% export over the dense model
@@ -291,23 +291,6 @@ def profile_interleaved(models: dict[tuple, nn.Module], args: argparse.Namespace
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def environment_lines() -> list[str]:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical cores shared with other processes (load average "
-        f"{os.getloadavg()[0]:.1f} at the end), torch threads {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- date: {now}",
-    ]
-
-
 def params_table(args: argparse.Namespace, models: dict[tuple, nn.Module], summary: dict) -> list[str]:
     dtype = args.dtype[0]
     dense, dense_outer = count_params(models[(dtype, "dense")])
@@ -458,18 +441,6 @@ def report(args, command: str, models, summary, rounds, profiles) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file (or add it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -490,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, command, models, summary, rounds, profiles)
     print(section)
     if args.results is not None:
-        write_section(args.results, section)
+        write_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":

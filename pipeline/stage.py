@@ -58,6 +58,13 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
+def save_tensors(tensors: dict, path: Path) -> None:
+    """Write tensors as safetensors through `write_atomic`: readers see the old file or the whole new one."""
+    from safetensors.torch import save
+
+    write_atomic(path, save({name: tensor.contiguous() for name, tensor in tensors.items()}))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,8 +21,7 @@ from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.model_io import base_model_dir
-from pipeline.stage import write_atomic
-from pipeline.stages.finetune import save_tensors
+from pipeline.stage import save_tensors, write_atomic
 from pipeline.stages.salience import final_masks, read_scores
 
 SECTIONS = ("model", "pruning")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,6 @@ import deepspeed
 import numpy as np
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -45,7 +43,7 @@ from pipeline.checkpoints import check_checkpoint
 from pipeline.ds_config import load_ds_config, zero_stage
 from pipeline.engine import global_adapter_salience, grow_adapters, rebuild_engine
 from pipeline.model_io import load_base_model
-from pipeline.stage import write_atomic
+from pipeline.stage import save_tensors, write_atomic
 from pipeline.tracking import metric_logger
 
 SECTIONS = ("run", "model", "apt", "pruning", "train", "deepspeed")
@@ -385,12 +383,6 @@ def trainable_fp32(engine) -> dict[str, torch.Tensor]:
     """The fp32 master copy of every trainable parameter (the adapters), whole on every rank."""
     return {name: safe_get_full_fp32_param(param).detach().cpu().clone()
             for name, param in engine.module.named_parameters() if param.requires_grad}
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def write_apt_state(stage_dir: Path, state: AptState) -> None:

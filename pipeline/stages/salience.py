@@ -22,7 +22,8 @@ from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.ds_config import load_ds_config
 from pipeline.model_io import load_adapters, load_base_model
-from pipeline.stages.finetune import BatchOrder, build_engine, loss_scale, save_tensors
+from pipeline.stage import save_tensors
+from pipeline.stages.finetune import BatchOrder, build_engine, loss_scale
 
 SECTIONS = ("run", "model", "apt", "train", "deepspeed", "salience")
 CALIBRATION_SEED_OFFSET = 1_000_003

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from harness import free_port, spawn
+from harness import assert_same_finetune_outputs, free_port, spawn
 from safetensors.torch import load_file
 
 from pipeline import config as config_lib
@@ -143,12 +143,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, prep_dir):
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
-    for name in ("adapters.safetensors", "apt_state.safetensors"):
-        expected = load_file(str(straight.run_dir / "finetune" / name))
-        actual = load_file(str(killed.run_dir / "finetune" / name))
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_finetune_outputs(straight.run_dir, killed.run_dir)
 
 
 @pytest.mark.slow
@@ -172,12 +167,7 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
     shutil.rmtree(checkpoints / "step30")
     (checkpoints / "latest").write_text("step20")
     spawn(finetune_rank, 2, resumed, False)
-    for name in ("adapters.safetensors", "apt_state.safetensors"):
-        expected = load_file(str(straight.run_dir / "finetune" / name))
-        actual = load_file(str(resumed.run_dir / "finetune" / name))
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_finetune_outputs(straight.run_dir, resumed.run_dir)
 
 
 @pytest.mark.slow

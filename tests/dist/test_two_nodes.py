@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from harness import free_port, spawn
+from harness import assert_same_finetune_outputs, free_port, spawn
 from safetensors.torch import load_file
 
 from pipeline import config as config_lib
@@ -54,8 +54,4 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path, small_corpus):
 
     manifest = json.loads((two_nodes.run_dir / "finetune" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
-    for name in ("adapters.safetensors", "apt_state.safetensors"):
-        expected = load_file(str(one_node.run_dir / "finetune" / name))
-        actual = load_file(str(two_nodes.run_dir / "finetune" / name))
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_finetune_outputs(one_node.run_dir, two_nodes.run_dir)

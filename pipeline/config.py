@@ -228,9 +228,19 @@ class TrainSection:
     """Steps between DeepSpeed checkpoints (one is always written at the end)."""
     eval_batches: int = 8
     """Validation batches for the perplexity at the end of finetune."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A micro-batch whose loss is inf/NaN on any rank: stop the stage, or skip that optimizer step (grad_accum 1)."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip: stop anyway after this many skipped steps (the run is diverging, not unlucky)."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.nonfinite == "skip" and self.grad_accum != 1:
+            out.append(f"nonfinite: 'skip' needs grad_accum 1 (got {self.grad_accum}): DeepSpeed reduces gradients "
+                       f"at the accumulation boundary, so one micro-batch cannot be dropped from a half-accumulated "
+                       f"step; raise micro_batch_size instead, or use nonfinite: stop")
+        if self.max_skipped_steps < 0:
+            out.append(f"max_skipped_steps: {self.max_skipped_steps} must be >= 0")
         for name in ("steps", "micro_batch_size", "grad_accum", "checkpoint_every", "eval_batches"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: {getattr(self, name)} must be >= 1")
@@ -259,6 +269,11 @@ class DeepSpeedSection:
     """A collective that waits longer than this (a rank hung) fails the stage instead of blocking forever."""
     host_check_port: int = 22
     """Port the start-up check connects to on every hostfile host (ssh, which the launcher uses); 0 skips it."""
+
+    PLACEMENT: typing.ClassVar[tuple[str, ...]] = (
+        "num_gpus", "num_nodes", "hostfile", "master_port", "launcher_args", "timeout_minutes", "host_check_port")
+    """Where and how the ranks run, not what they compute: left out of stage fingerprints, so a finetune
+    checkpoint resumes on another number of ranks (the global batch is kept, see finetune)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -341,6 +356,13 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+    def fingerprint_sections(self, *sections: str) -> dict:
+        """The named sections as plain dicts, without placement fields: what a stage's fingerprint covers."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
+        for name in DeepSpeedSection.PLACEMENT:
+            out.get("deepspeed", {}).pop(name, None)
+        return out
 
     def select(self, *sections: str) -> types.SimpleNamespace:
         """The named sections only: what one stage may read."""

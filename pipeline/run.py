@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import shutil
@@ -58,7 +57,7 @@ def expected_fingerprint(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path)
         if manifest is None:
             raise RuntimeError(f"stage {stage.name} needs {name}'s output; run stage {name} first")
         inputs[name] = manifest["fingerprint"]
-    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in stage.sections}
+    sections = cfg.fingerprint_sections(*stage.sections)
     return fingerprint(sections, inputs)
 
 

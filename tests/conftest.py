@@ -56,3 +56,15 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory, small_corpus) -> Path:
+    """One prep output (seq_len 64) shared by a module's finetune runs; copy it into each run directory."""
+    from pipeline import run as driver
+
+    root = tmp_path_factory.mktemp("prep")
+    cfg = config_lib.load(REPO / "configs" / "tiny.yaml", [f"run.root={root}", f"data.sources=[{small_corpus}]",
+                                                          "data.num_proc=1", "data.seq_len=64"])
+    driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)
+    return cfg.run_dir / "prep"

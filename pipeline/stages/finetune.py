@@ -4,14 +4,18 @@ Runs on every rank (the driver starts it with the `deepspeed` launcher). Each st
 with salience hooks accumulating on every rank, optimizer step, masks move one `mask_step` toward
 their targets. Every `pruning.update_every` steps inside the window: ONE all-reduce of the packed
 salience sums (plus each rank's mask checksum), EMA, budget search at the cubic schedule's ρ_t.
-Checkpoints hold only trainable weights plus the APT state, and a restart resumes from `latest`.
+Checkpoints hold only trainable weights plus the APT state, and a restart resumes from `latest`, on the
+same number of ranks or (through a DeepSpeed universal checkpoint) on another one with the same global batch.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ import datasets
 import deepspeed
 import numpy as np
 import torch
+from deepspeed.checkpoint import ds_to_universal
 from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -39,7 +44,7 @@ from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
 from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.search import search_masks
-from pipeline.checkpoints import check_checkpoint
+from pipeline.checkpoints import LATEST, check_checkpoint
 from pipeline.ds_config import load_ds_config, zero_stage
 from pipeline.engine import global_adapter_salience, grow_adapters, rebuild_engine
 from pipeline.model_io import load_base_model
@@ -62,16 +67,39 @@ class AptState:
     ema: SalienceScores | None = None
     teacher: dict | None = None
     """Self-distillation: the adapters frozen at the start of the pruning window (name -> (A, B))."""
+    skipped_steps: int = 0
+    """Steps dropped because a loss was inf/NaN (train.nonfinite=skip)."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a restart continues from, and how the ranks that wrote it differ from this run's."""
+
+    tag: str
+    """The tag `latest` names."""
+    meta: dict
+    """What `save` wrote beside it: adapter_ranks, world_size, global_batch."""
+    load_tag: str
+    """The folder DeepSpeed loads: `tag`, or its universal conversion when the world size changed."""
+
+    @property
+    def universal(self) -> bool:
+        return self.load_tag != self.tag
 
 
 def run(cfg, run_dir: Path) -> dict:
     stage_dir = run_dir / "finetune"
+    checkpoints = stage_dir / "checkpoints"
     train, pruning = cfg.train, cfg.pruning
-    check_checkpoint(stage_dir / "checkpoints")  # a truncated or missing `latest` tag fails here, naming the fix
+    check_checkpoint(checkpoints)  # a truncated or missing `latest` tag fails here, naming the fix
     dist.init_distributed(cfg.deepspeed.timeout_minutes)
     world_size, rank = dist.world_size(), dist.rank()
     seed_everything(cfg.run.seed)
 
+    meta = latest_meta(checkpoints)
+    if meta is not None:
+        train = keep_global_batch(train, world_size, meta)
+    resume_from = resume_point(checkpoints, meta, world_size)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer"))
     splits = datasets.load_from_disk(str(run_dir / "prep" / "dataset")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, train, world_size)
@@ -83,18 +111,23 @@ def run(cfg, run_dir: Path) -> dict:
     salience = SalienceAccumulator(shape)
     salience.attach(model)
     growth_budget = cfg.apt.tuning_budget * adapter_params(list(named_adapters(model)))  # of the initial adapters
-    checkpoints = stage_dir / "checkpoints"
-    regrow_to_checkpoint(model, checkpoints, cfg.run.seed)  # grown adapters must exist before their weights load
-    engine = build_engine(model, ds_config, train)
     total = total_params(shape)
-
     state = AptState(masks=MaskSet.ones(shape), target=MaskSet.ones(shape))
-    if (checkpoints / "latest").is_file():
-        state = resume(engine, checkpoints, salience)
-        log.info("resumed from %s at step %d", (checkpoints / "latest").read_text().strip(), state.step)
+    if resume_from is None:
+        engine = build_engine(model, ds_config, train)
+    else:
+        regrow(model, resume_from.meta["adapter_ranks"], cfg.run.seed)  # grown adapters exist before they load
+        load_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                                   "load_universal": resume_from.universal}}
+        engine = build_engine(model, load_config, train)
+        state = resume(engine, checkpoints, resume_from.load_tag, salience)
+        log.info("resumed from %s at step %d%s", resume_from.tag, state.step,
+                 f" (written by {resume_from.meta['world_size']} ranks, via {resume_from.load_tag})"
+                 if resume_from.universal else "")
     set_masks(engine.module, state.masks)
 
-    batches = BatchOrder(len(splits["train"]), train.micro_batch_size, world_size, rank, cfg.run.seed)
+    batches = BatchOrder(len(splits["train"]), train.micro_batch_size, train.grad_accum, world_size, rank,
+                         cfg.run.seed)
     metrics = metric_logger(stage_dir)
     tokens_per_step = train.micro_batch_size * train.grad_accum * world_size * splits["train"][0]["input_ids"].numel()
     row: dict = {}
@@ -105,18 +138,30 @@ def run(cfg, run_dir: Path) -> dict:
         grow_now = cfg.apt.grow_every > 0 and (state.step + 1) % cfg.apt.grow_every == 0
         if cfg.apt.distill and state.teacher is None and state.step >= pruning.start_step:
             state.teacher = freeze_adapters(engine.module, read=safe_get_full_fp32_param)  # collective
+        skip = False
         for micro in range(train.grad_accum):
-            batch = splits["train"][batches.indices(state.step * train.grad_accum + micro)]
+            batch = splits["train"][batches.indices(state.step, micro)]
             salience.grad_scale = world_size * loss_scale(engine)
+            sums_before = salience.pack()  # activations are summed during the forward; a bad one is rolled back
             loss, task_loss = training_loss(engine, batch, state.teacher, salience, cfg.apt.distill_weight)
+            bad_ranks, loss_mean, task_loss_mean = reduce_losses(loss, task_loss)  # same on every rank
+            if bad_ranks:
+                salience.load_packed(sums_before)
+                check_skip(train, state, bad_ranks)
+                skip = True
+                break
             engine.backward(loss)
             if grow_now and micro == train.grad_accum - 1:  # full gradients exist only before the step
                 adapter_scores = global_adapter_salience(named_adapters(engine.module))
             engine.step()
-            loss_sum += task_loss.item()
-            objective_sum += loss.item()
+            loss_sum += task_loss_mean
+            objective_sum += loss_mean
         state.step += 1
-        if grow_now:
+        if skip:
+            state.skipped_steps += 1
+            log.warning("step %d skipped: inf/NaN loss on rank(s) %s (%d skipped so far)", state.step,
+                        bad_ranks, state.skipped_steps)
+        if grow_now and not skip:
             engine = grow(engine, adapter_scores, cfg.apt, growth_budget, ds_config, train, cfg.run.seed + state.step)
 
         rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
@@ -130,17 +175,18 @@ def run(cfg, run_dir: Path) -> dict:
 
         step_time = time.perf_counter() - started
         kept = kept_sizes(state.masks)
-        row = {"loss": loss_sum / train.grad_accum, "objective": objective_sum / train.grad_accum,
-               "lr": engine.get_lr()[0], "remaining_target": rho,
+        losses = {} if skip else {"loss": loss_sum / train.grad_accum, "objective": objective_sum / train.grad_accum}
+        row = {**losses, "lr": engine.get_lr()[0], "remaining_target": rho,
                "adapter_params": adapter_params(list(named_adapters(engine.module))),
                "remaining": remaining_params(shape, kept) / total, "kept_hidden": kept.hidden,
                "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
-               "tokens_per_s": tokens_per_step / step_time}
+               "tokens_per_s": tokens_per_step / step_time, "skipped_steps": state.skipped_steps}
         metrics.log_metrics(row, step=state.step)
         progress.update(1)
-        progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", rem=f"{row['remaining']:.2f}")
+        progress.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", lr=f"{row['lr']:.1e}",
+                             rem=f"{row['remaining']:.2f}")
         if state.step % train.checkpoint_every == 0 or state.step == train.steps:
-            save(engine, checkpoints, state, salience)
+            save(engine, checkpoints, state, salience, train, world_size)
     progress.close()
 
     val_loss = evaluate(engine, splits["validation"], train.micro_batch_size, train.eval_batches, world_size, rank)
@@ -151,7 +197,8 @@ def run(cfg, run_dir: Path) -> dict:
                "remaining_fraction": remaining_params(shape, kept) / total,
                "target_remaining": pruning.target_remaining,
                "kept_hidden": kept.hidden, "kept_heads": list(kept.heads), "kept_neurons": list(kept.neurons),
-               "zero_stage": zero_stage(ds_config), "precision": train.precision, "world_size": world_size}
+               "zero_stage": zero_stage(ds_config), "precision": train.precision, "world_size": world_size,
+               "skipped_steps": state.skipped_steps}
     adapters = trainable_fp32(engine)  # every rank takes part: under ZeRO-3 this gathers partitions
     if dist.is_main():
         write_apt_state(stage_dir, state)
@@ -215,27 +262,60 @@ def loss_scale(engine) -> float:
 
 
 class BatchOrder:
-    """Global batch b is rows perm_epoch[b·G:(b+1)·G] with G = micro·world; rank r reads its micro slice.
+    """Step s reads rows perm_epoch[s·G:(s+1)·G], G = micro·accum·world; micro-batch m of rank r is one slice.
 
-    Depends only on (seed, b), so N ranks read exactly the rows one rank would read with an N× batch,
-    and a resumed run continues with the very next batch.
+    Depends only on (seed, G, s), so N ranks read exactly the rows one rank reads with N× the accumulation,
+    a resumed run continues with the very next batch, and so does one resumed on another number of ranks.
     """
 
-    def __init__(self, rows: int, micro_batch: int, world_size: int, rank: int, seed: int):
-        self.global_batch = micro_batch * world_size
+    def __init__(self, rows: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int):
+        self.global_batch = micro_batch * grad_accum * world_size
         if rows < self.global_batch:
             raise ValueError(f"the train split has {rows} rows, fewer than one global batch ({self.global_batch})")
-        self.rows, self.micro, self.rank, self.seed = rows, micro_batch, rank, seed
-        self.per_epoch = rows // self.global_batch
+        self.rows, self.micro, self.world_size, self.rank, self.seed = rows, micro_batch, world_size, rank, seed
+        self.steps_per_epoch = rows // self.global_batch
         self._epoch, self._perm = -1, None
 
-    def indices(self, batch: int) -> list[int]:
-        epoch, within = divmod(batch, self.per_epoch)
+    def indices(self, step: int, micro: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
             self._perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch))
-        start = within * self.global_batch + self.rank * self.micro
+        start = within * self.global_batch + (micro * self.world_size + self.rank) * self.micro
         return self._perm[start:start + self.micro].tolist()
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss was inf/NaN and train.nonfinite says to stop (or too many steps were skipped)."""
+
+
+def reduce_losses(objective: torch.Tensor, task_loss: torch.Tensor) -> tuple[list[int], float, float]:
+    """(ranks whose objective is inf/NaN, mean objective, mean task loss over the ranks): one small all-reduce.
+
+    Every rank gets the same answer, so all skip (or stop) together; the means are what a single process
+    would log for the whole global batch.
+    """
+    world_size, rank = dist.world_size(), dist.rank()
+    buffer = torch.zeros(world_size + 2, dtype=torch.float64)
+    objective, task_loss = objective.detach().double().cpu(), task_loss.detach().double().cpu()
+    finite = bool(torch.isfinite(objective))
+    buffer[rank] = float(not finite)
+    if finite:
+        buffer[-2:] = torch.stack([objective, task_loss]) / world_size
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(buffer)
+    return buffer[:world_size].nonzero().flatten().tolist(), buffer[-2].item(), buffer[-1].item()
+
+
+def check_skip(train, state: AptState, bad_ranks: list[int]) -> None:
+    """Raise unless this inf/NaN step may be skipped under train.nonfinite / max_skipped_steps."""
+    where = f"step {state.step + 1}: the loss is inf/NaN on rank(s) {bad_ranks}"
+    if train.nonfinite == "stop":
+        raise NonFiniteLoss(f"{where}; stopping (train.nonfinite=stop). The last checkpoint is intact; set "
+                            f"train.nonfinite=skip to drop such steps, or lower train.lr if the run diverges")
+    if state.skipped_steps >= train.max_skipped_steps:
+        raise NonFiniteLoss(f"{where}, and {state.skipped_steps} steps were skipped already "
+                            f"(train.max_skipped_steps); the run is diverging: lower train.lr or check the data")
 
 
 @torch.no_grad()
@@ -328,30 +408,90 @@ def grow(engine, adapter_scores: dict[str, float], apt, budget: float, ds_config
                           reshape=lambda model: grow_adapters(model, plan, generator))
 
 
-def ranks_file(checkpoints: Path, tag: str) -> Path:
-    return checkpoints / f"ranks-{tag}.json"
+def meta_file(checkpoints: Path, tag: str) -> Path:
+    return checkpoints / f"meta-{tag}.json"
 
 
-def regrow_to_checkpoint(model, checkpoints: Path, seed: int) -> None:
-    """Grow a fresh model's adapters to the ranks the latest checkpoint was saved with."""
-    latest = checkpoints / "latest"
+def latest_meta(checkpoints: Path) -> dict | None:
+    """What `save` recorded beside the checkpoint `latest` names (None: nothing to resume)."""
+    latest = checkpoints / LATEST
     if not latest.is_file():
-        return
-    saved = json.loads(ranks_file(checkpoints, latest.read_text().strip()).read_text())
-    generator = torch.Generator().manual_seed(seed)  # values are overwritten by the checkpoint
+        return None
+    tag = latest.read_text().strip()
+    return {"tag": tag} | json.loads(meta_file(checkpoints, tag).read_text())
+
+
+def resume_point(checkpoints: Path, meta: dict | None, world_size: int) -> ResumePoint | None:
+    """Where a restart continues, converting a checkpoint written by another number of ranks first.
+
+    DeepSpeed's ZeRO files are per rank; `ds_to_universal` rewrites them per parameter, which any world size
+    loads. Rank 0 converts (once, to a temporary folder renamed on success) while the others wait.
+    """
+    if meta is None:
+        return None
+    tag = meta["tag"]
+    if meta["world_size"] == world_size:
+        return ResumePoint(tag, meta, tag)
+    universal = checkpoints / f"{tag}_universal"
+    if dist.is_main() and not universal.is_dir():
+        log.info("checkpoint %s was written by %d ranks; converting it for %d (DeepSpeed universal checkpoint)",
+                 tag, meta["world_size"], world_size)
+        partial = checkpoints / f"{tag}_universal.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(checkpoints / tag), output_folder=str(partial), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        partial.rename(universal)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return ResumePoint(tag, meta, universal.name)
+
+
+def keep_global_batch(train, world_size: int, meta: dict):
+    """The train section with grad_accum set so micro·accum·world equals the checkpoint's global batch.
+
+    The batch size is part of the optimisation (and of the data order), so a run resumed on another number of
+    ranks keeps it by changing the accumulation, as DeepSpeed's elastic training does.
+    """
+    per_accum = train.micro_batch_size * world_size
+    saved = meta["global_batch"]
+    if saved % per_accum:
+        raise ValueError(f"the checkpoint was trained with a global batch of {saved} sequences; "
+                         f"{world_size} ranks x micro_batch_size {train.micro_batch_size} cannot make it up. "
+                         f"Resume on a number of ranks that divides {saved // train.micro_batch_size}")
+    grad_accum = saved // per_accum
+    if grad_accum != train.grad_accum:
+        log.info("keeping the checkpoint's global batch of %d: grad_accum %d -> %d on %d ranks",
+                 saved, train.grad_accum, grad_accum, world_size)
+    if train.nonfinite == "skip" and grad_accum != 1:
+        raise ValueError(f"on {world_size} ranks the global batch of {saved} needs grad_accum {grad_accum}, "
+                         f"which train.nonfinite=skip does not support; resume with nonfinite=stop or "
+                         f"{saved // train.micro_batch_size} ranks")
+    return dataclasses.replace(train, grad_accum=grad_accum)
+
+
+def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:
+    """Grow a fresh model's adapters to the ranks a checkpoint was saved with (its values overwrite them)."""
+    generator = torch.Generator().manual_seed(seed)
     for name, adapter in named_adapters(model):
-        if saved[name] > adapter.rank:
-            grow_rank(adapter, saved[name] - adapter.rank, generator)
+        if adapter_ranks[name] > adapter.rank:
+            grow_rank(adapter, adapter_ranks[name] - adapter.rank, generator)
 
 
-def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulator) -> None:
-    """Trainable weights + optimizer (DeepSpeed) and the APT state as client state; `latest` moves last."""
+def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulator, train, world_size: int) -> None:
+    """Trainable weights + optimizer (DeepSpeed) and the APT state as client state; `latest` moves last.
+
+    DeepSpeed's rank 0 would write `latest` as soon as its own files are done; here it is written (atomically)
+    after DeepSpeed's closing barrier, so it never names a tag whose other ranks' files are still being written.
+    """
     tag = f"step{state.step}"
     if dist.is_main():  # written before `latest` names the tag, so a resume always finds it
-        ranks = {name: adapter.rank for name, adapter in named_adapters(engine.module)}
-        write_atomic(ranks_file(checkpoints, tag), json.dumps(ranks, indent=1))
+        meta = {"adapter_ranks": {name: adapter.rank for name, adapter in named_adapters(engine.module)},
+                "world_size": world_size, "global_batch": train.micro_batch_size * train.grad_accum * world_size}
+        write_atomic(meta_file(checkpoints, tag), json.dumps(meta, indent=1))
     client_state = {
         "apt_step": state.step,
+        "apt_skipped_steps": state.skipped_steps,
         "apt_masks": state.masks.to_dict(),
         "apt_target": state.target.to_dict(),
         "apt_ema": None if state.ema is None else asdict(state.ema),
@@ -359,14 +499,22 @@ def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulat
         "apt_teacher": state.teacher,
         "apt_rng": rng_state(),
     }
-    engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
-                           exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
+                               exclude_frozen_parameters=True, save_latest=False)
+    except OSError as e:
+        previous = (checkpoints / LATEST).read_text().strip() if (checkpoints / LATEST).is_file() else None
+        raise OSError(e.errno, f"writing checkpoint {checkpoints / tag} failed ({e}); free disk space or raise "
+                               f"the file-size limit and run again: it resumes from "
+                               f"{previous or 'the start'}, which is intact") from e
+    if dist.is_main():
+        write_atomic(checkpoints / LATEST, tag)
 
 
-def resume(engine, checkpoints: Path, salience: SalienceAccumulator) -> AptState:
-    _, client = engine.load_checkpoint(str(checkpoints), load_module_strict=False)
+def resume(engine, checkpoints: Path, load_tag: str, salience: SalienceAccumulator) -> AptState:
+    _, client = engine.load_checkpoint(str(checkpoints), tag=load_tag, load_module_strict=False)
     if client is None:
-        raise RuntimeError(f"{checkpoints}: the checkpoint named by 'latest' could not be loaded; "
+        raise RuntimeError(f"{checkpoints / load_tag}: the checkpoint could not be loaded; "
                            f"delete {checkpoints} to start this stage over")
     salience.load_state_dict(client["apt_salience_sums"])
     rng = client["apt_rng"]
@@ -376,7 +524,8 @@ def resume(engine, checkpoints: Path, salience: SalienceAccumulator) -> AptState
     ema = client["apt_ema"]
     return AptState(step=client["apt_step"], masks=MaskSet.from_dict(client["apt_masks"]),
                     target=MaskSet.from_dict(client["apt_target"]),
-                    ema=None if ema is None else SalienceScores(**ema), teacher=client["apt_teacher"])
+                    ema=None if ema is None else SalienceScores(**ema), teacher=client["apt_teacher"],
+                    skipped_steps=client.get("apt_skipped_steps", 0))
 
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:

@@ -23,16 +23,6 @@ FAST = ["train.steps=30", "pruning.end_step=20", "pruning.update_every=5", "prun
         "train.checkpoint_every=30", "train.eval_batches=2"]
 
 
-@pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory, small_corpus):
-    """One prep output shared by every finetune run in this module (copied into each run directory)."""
-    root = tmp_path_factory.mktemp("prep")
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={root}", f"data.sources=[{small_corpus}]",
-                                                "data.num_proc=1", "data.seq_len=64"])
-    driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)
-    return cfg.run_dir / "prep"
-
-
 def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
     cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
                                                 *FAST, *overrides])

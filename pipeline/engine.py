@@ -2,8 +2,10 @@
 
 DeepSpeed cannot change a parameter's shape inside an engine. `rebuild_engine` reads the full fp32 weight and
 optimizer moments of every trainable parameter, destroys the engine, builds a new one on the same (reshaped) module
-and writes every surviving element back; the step counters and the LR schedule continue where they were.
-ZeRO stages 1-3. Every function here is collective: call it on every rank, in the same order.
+and writes every surviving element back; the step counters and the LR schedule continue where they were. A reshape
+either grows a parameter (rank growth: the old values sit inside the new one) or slices it (compaction: the new one
+is a selection of the old one). ZeRO stages 1-3. Every function here is collective: call it on every rank, in the
+same order.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from deepspeed.utils import (
 from torch import nn
 
 from pipeline.apt.adapters import APTLinear, grow_rank, named_adapters
+from pipeline.apt.compaction import CompactionPlan, compact_model
+from pipeline.apt.slicing import Selected
 
-Carry = dict[nn.Parameter, tuple[nn.Parameter, tuple[slice, ...]]]
-"""Replaced parameter -> (its replacement, where the old values sit inside it), e.g. `RankGrowth.carry()`."""
+Carry = dict[nn.Parameter, tuple[nn.Parameter, tuple[slice, ...] | Selected]]
+"""Replaced parameter -> (its replacement, where its values go): a tuple of slices says where the old values sit
+inside the larger replacement (`RankGrowth.carry()`); a `Selected` says which old elements the smaller replacement
+holds (`compaction.compact_model`)."""
 
 Reshape = Callable[[nn.Module], Carry]
 """Changes a model's shapes in place and returns the carry; runs inside `rebuild_engine`, before the old engine goes."""
@@ -42,9 +48,10 @@ ZERO3_BACKWARD_STATE = ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_c
 def rebuild_engine(engine, ds_config: dict, make_optimizer: MakeOptimizer, reshape: Reshape | None = None):
     """Destroy `engine` and return a new one on its module, carrying every trainable element's fp32 state.
 
-    `reshape(module)` changes shapes in place and says where old values went (e.g. `grow_adapters`); elements it
-    adds, and parameters the old engine did not train, start at zero optimizer state. Call this at a step boundary
-    (after `engine.step()`) and drop every reference to the old engine afterwards.
+    `reshape(module)` changes shapes in place and says where old values went (`grow_adapters`, or the slices of
+    `compact_engine`); elements it adds, and parameters the old engine did not train, start at zero optimizer
+    state. Call this at a step boundary (after `engine.step()`) and drop every reference to the old engine
+    afterwards.
     """
     if not engine.zero_optimization():
         raise ValueError("rebuild_engine carries state through DeepSpeed's ZeRO optimizer; use ZeRO stage 1, 2 or 3")
@@ -106,7 +113,8 @@ def _optimizer_layout(engine) -> tuple[list[str], torch.Tensor | int | None]:
 
 
 def _read_state(param: nn.Parameter, old: nn.Parameter, index, moments: list[str]) -> dict[str, torch.Tensor]:
-    """The full fp32 weight and moments `param` starts from: the old parameter's, placed at `index` inside it."""
+    """The full fp32 weight and moments `param` starts from: the old parameter's, placed at `index` inside it,
+    or the `Selected` part of it."""
     weight = safe_get_full_fp32_param(old)
     if weight is None:  # the old engine did not train it: a new parameter starts from its value, zero state
         return {"param": param.detach().float().cpu(), **{key: torch.zeros(param.shape) for key in moments}}
@@ -114,6 +122,8 @@ def _read_state(param: nn.Parameter, old: nn.Parameter, index, moments: list[str
     old_state = {"param": weight.cpu(), **{key: safe_get_full_optimizer_state(old, key).cpu() for key in moments}}
     if index is None:
         return old_state
+    if isinstance(index, Selected):
+        return {key: index.take(value) for key, value in old_state.items()}
     state = {"param": param.detach().float().cpu(), **{key: torch.zeros(param.shape) for key in moments}}
     for key, value in old_state.items():
         state[key][index] = value
@@ -176,3 +186,20 @@ def grow_adapters(model: nn.Module, plan: dict[str, int], generator: torch.Gener
         with deepspeed.zero.GatheredParameters([adapter.lora_A, adapter.lora_B]):
             carry |= grow_rank(adapter, plan[name], generator).carry()
     return carry
+
+
+def compact_engine(engine, plan: CompactionPlan, ds_config: dict, make_optimizer: MakeOptimizer):
+    """Cut the plan's dead blocks out of the engine's model and rebuild it; the adapters keep their fp32 values and
+    Adam moments at every kept element. Collective; call it at a step boundary, as `rebuild_engine`.
+
+    Under ZeRO-3 each layer's partitions are gathered while it is sliced; the new engine partitions the new
+    parameters. The masks in the model shrink with it; slice the caller's own copies with `compaction.slice_*`.
+    """
+    return rebuild_engine(
+        engine, ds_config, make_optimizer, reshape=lambda model: compact_model(model, plan, gather=_gathered)
+    )
+
+
+def _gathered(params: list[nn.Parameter]):
+    # Read-only: the sliced copies are new parameters, so the partitions need no write-back (no modifier_rank).
+    return deepspeed.zero.GatheredParameters(params)

@@ -2,11 +2,15 @@
 
 `slice_model` works in place on a plain HF Llama/Mistral/Qwen2 causal LM, and on an APT-wrapped one (compaction)
 as long as every layer keeps the same counts, since the model's masks must stay rectangular [L, ·]; for
-per-layer sizes merge the adapters first (`adapters.merge_adapters`), then slice.
+per-layer sizes merge the adapters first (`adapters.merge_adapters`), then slice. `slice_kept` does the same from
+kept indices instead of masks, one layer at a time inside a caller's `gather` context (ZeRO-3), and says which
+parameter replaced which, so an optimizer's state can follow (`pipeline.engine.rebuild_engine`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,9 @@ from torch import nn
 
 from pipeline.apt.adapters import APTLinear, MaskStore
 from pipeline.apt.masks import MaskSet
+
+Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+"""Parameters -> a context in which their full values can be read (ZeRO-3: `deepspeed.zero.GatheredParameters`)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,26 @@ class LayerKeep:
         }
 
 
+@dataclass(frozen=True)
+class Selected:
+    """A sliced parameter holds these elements of the one it replaced: `old[rows][:, columns]` (None: all)."""
+
+    rows: torch.Tensor | None
+    columns: torch.Tensor | None = None
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The selection applied to a tensor shaped like the old parameter (its value, an optimizer moment)."""
+        if self.rows is not None:
+            tensor = tensor.index_select(0, self.rows.to(tensor.device))
+        if self.columns is not None:
+            tensor = tensor.index_select(1, self.columns.to(tensor.device))
+        return tensor
+
+
+Replaced = dict[nn.Parameter, tuple[nn.Parameter, Selected]]
+"""Old trainable parameter -> (the parameter that replaced it, which of its elements it holds)."""
+
+
 def kept_indices(mask: torch.Tensor, name: str) -> torch.Tensor:
     """Indices where a binary mask is 1; refuses fractional masks."""
     if not torch.all((mask == 0) | (mask == 1)):
@@ -46,18 +73,23 @@ def plan_layer(layer_index: int, head_row: torch.Tensor, kv_row: torch.Tensor, n
     heads = kept_indices(head_row, f"head_mask[{layer_index}]")
     kv_heads = kept_indices(kv_row, f"kv_mask[{layer_index}]")
     neurons = kept_indices(neuron_row, f"neuron_mask[{layer_index}]")
-    group_size = head_row.numel() // kv_row.numel()
-    heads_per_kv = torch.bincount(heads // group_size, minlength=kv_row.numel())
-    if heads.numel() == 0 or neurons.numel() == 0:
+    return check_layer(layer_index, LayerKeep(heads, kv_heads, neurons), head_row.numel() // kv_row.numel())
+
+
+def check_layer(layer_index: int, keep: LayerKeep, group_size: int) -> LayerKeep:
+    """`keep` itself, if it is a loadable layer: heads only under kept KV heads, as many under each, one at least."""
+    if keep.heads.numel() == 0 or keep.neurons.numel() == 0:
         raise ValueError(f"layer {layer_index} would keep no query head or no neuron")
-    if heads_per_kv[kv_row == 0].any():
+    kv_of_head = keep.heads // group_size
+    if not torch.isin(kv_of_head, keep.kv_heads).all():
         raise ValueError(f"layer {layer_index} keeps a query head whose KV head is pruned")
-    if not torch.all(heads_per_kv[kv_heads] == heads_per_kv[kv_heads[0]]):
+    heads_per_kv = (kv_of_head[:, None] == keep.kv_heads[None, :]).sum(dim=0)
+    if not torch.all(heads_per_kv == heads_per_kv[0]):
         raise ValueError(
-            f"layer {layer_index} keeps {heads_per_kv[kv_heads].tolist()} query heads per kept KV group; "
+            f"layer {layer_index} keeps {heads_per_kv.tolist()} query heads per kept KV group; "
             "an exported model needs the same number in every group"
         )
-    return LayerKeep(heads, kv_heads, neurons)
+    return keep
 
 
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -73,7 +105,6 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
     layers' sizes come from `per_layer_config(model)`.
     """
     decoder = model.model
-    head_dim = decoder.layers[0].self_attn.head_dim
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if hidden.numel() == 0:
         raise ValueError("hidden_mask keeps no channel")
@@ -88,6 +119,25 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
             if row.numel() != size:
                 raise ValueError(f"{name}[{index}] has {row.numel()} entries; the layer has {attribute}={size}")
         plans.append(plan_layer(index, *widths.values()))
+    slice_kept(model, plans, hidden)
+    return model
+
+
+@torch.no_grad()
+def slice_kept(
+    model: nn.Module, plans: list[LayerKeep], hidden: torch.Tensor, gather: Gather | None = None
+) -> Replaced:
+    """Keep the indexed units of every layer and the `hidden` channels, in place; returns what replaced each
+    trainable parameter (frozen ones are not held on to, so each old layer can be freed as soon as it is sliced).
+
+    An APT-wrapped model's masks keep their current (possibly fractional) values at the kept positions. `gather`
+    is entered around each layer's parameters, then around the embeddings and the final norm.
+    """
+    gather = gather or (lambda params: nullcontext())
+    decoder = model.model
+    head_dim = decoder.layers[0].self_attn.head_dim
+    if len(plans) != len(decoder.layers):
+        raise ValueError(f"{len(plans)} layer plans for {len(decoder.layers)} layers")
     store: MaskStore | None = getattr(model, "apt_masks", None)
     if store is not None:
         if len({tuple(plan.sizes().values()) for plan in plans}) > 1:
@@ -95,14 +145,18 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
                 "an APT-wrapped model keeps rectangular masks: slice it with the same kept counts in "
                 "every layer, or merge the adapters first"
             )
-        store.replace(_sliced_masks(store.as_mask_set(), plans, hidden))
+        store.replace(select_masks(store.as_mask_set(), plans, hidden))
 
+    replaced: Replaced = {}
     for layer, plan in zip(decoder.layers, plans, strict=True):
-        _slice_layer(layer, plan, hidden, head_dim)
-    _slice_embeddings(model, hidden)
-    _slice_vector(decoder.norm, hidden)
+        with gather(list(layer.parameters())):
+            replaced |= _slice_layer(layer, plan, hidden, head_dim)
+    outer = [decoder.embed_tokens.weight, model.lm_head.weight, decoder.norm.weight]
+    with gather(list(dict.fromkeys(outer))):  # tied embeddings: one parameter, gathered once
+        replaced |= _slice_embeddings(model, hidden)
+        replaced |= _slice_vector(decoder.norm, hidden)
     _update_config(model.config, hidden.numel(), head_dim, plans[0])
-    return model
+    return replaced
 
 
 def per_layer_config(model: nn.Module) -> dict[int, dict[str, int]]:
@@ -126,8 +180,8 @@ def layer_sizes(layer: nn.Module) -> dict[str, int]:
     }
 
 
-def _sliced_masks(masks: MaskSet, plans: list[LayerKeep], hidden: torch.Tensor) -> MaskSet:
-    """The store's current (possibly fractional) values at the kept positions; rectangular by precondition."""
+def select_masks(masks: MaskSet, plans: list[LayerKeep], hidden: torch.Tensor) -> MaskSet:
+    """The masks' (possibly fractional) values at the kept positions; every layer must keep the same counts."""
     return MaskSet(
         head_mask=torch.stack([masks.head_mask[i, plan.heads] for i, plan in enumerate(plans)]),
         kv_mask=torch.stack([masks.kv_mask[i, plan.kv_heads] for i, plan in enumerate(plans)]),
@@ -153,54 +207,62 @@ def layer_slices(plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> dict[s
     }
 
 
-def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> None:
+def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> Replaced:
+    replaced: Replaced = {}
     for path, (rows, columns) in layer_slices(plan, hidden, head_dim).items():
         module = layer.get_submodule(path)
         if columns is None:
-            _slice_vector(module, rows)
+            replaced |= _slice_vector(module, rows)
         else:
-            _slice_projection(module, rows=rows, columns=columns)
+            replaced |= _slice_projection(module, rows=rows, columns=columns)
     layer.self_attn.num_key_value_groups = plan.heads.numel() // plan.kv_heads.numel()
     layer.mlp.intermediate_size = plan.neurons.numel()
     layer.mlp.hidden_size = layer.hidden_size = hidden.numel()
+    return replaced
 
 
-def _slice_projection(module: nn.Module, *, rows: torch.Tensor, columns: torch.Tensor) -> None:
+def _slice_projection(module: nn.Module, *, rows: torch.Tensor, columns: torch.Tensor) -> Replaced:
     """Keep `rows` (outputs) and `columns` (inputs) of an `nn.Linear` or an `APTLinear` (base and adapter)."""
     linear = module.base if isinstance(module, APTLinear) else module
-    linear.weight = _sliced_parameter(linear.weight, rows, columns)
+    replaced: Replaced = {}
+    linear.weight = _sliced_parameter(replaced, linear.weight, rows, columns)
     if linear.bias is not None:
-        linear.bias = _sliced_parameter(linear.bias, rows)
+        linear.bias = _sliced_parameter(replaced, linear.bias, rows)
     linear.out_features, linear.in_features = rows.numel(), columns.numel()
     if isinstance(module, APTLinear):
         module.out_features, module.in_features = rows.numel(), columns.numel()
         if module.rank:
-            module.lora_A = _sliced_parameter(module.lora_A, None, columns)
-            module.lora_B = _sliced_parameter(module.lora_B, rows)
+            module.lora_A = _sliced_parameter(replaced, module.lora_A, None, columns)
+            module.lora_B = _sliced_parameter(replaced, module.lora_B, rows)
+    return replaced
 
 
-def _slice_embeddings(model: nn.Module, hidden: torch.Tensor) -> None:
+def _slice_embeddings(model: nn.Module, hidden: torch.Tensor) -> Replaced:
     embedding, lm_head = model.model.embed_tokens, model.lm_head
     tied = lm_head.weight is embedding.weight
-    embedding.weight = _sliced_parameter(embedding.weight, None, hidden)
+    replaced: Replaced = {}
+    embedding.weight = _sliced_parameter(replaced, embedding.weight, None, hidden)
     embedding.embedding_dim = hidden.numel()
-    lm_head.weight = embedding.weight if tied else _sliced_parameter(lm_head.weight, None, hidden)
+    lm_head.weight = embedding.weight if tied else _sliced_parameter(replaced, lm_head.weight, None, hidden)
     lm_head.in_features = hidden.numel()
+    return replaced
 
 
-def _slice_vector(norm: nn.Module, hidden: torch.Tensor) -> None:
-    norm.weight = _sliced_parameter(norm.weight, hidden)
+def _slice_vector(norm: nn.Module, hidden: torch.Tensor) -> Replaced:
+    replaced: Replaced = {}
+    norm.weight = _sliced_parameter(replaced, norm.weight, hidden)
+    return replaced
 
 
 def _sliced_parameter(
-    param: nn.Parameter, rows: torch.Tensor | None, columns: torch.Tensor | None = None
+    replaced: Replaced, param: nn.Parameter, rows: torch.Tensor | None, columns: torch.Tensor | None = None
 ) -> nn.Parameter:
-    data = param.detach()
-    if rows is not None:
-        data = data.index_select(0, rows.to(data.device))
-    if columns is not None:
-        data = data.index_select(1, columns.to(data.device))
-    return nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
+    """A new parameter holding `param[rows][:, columns]`, recorded in `replaced` if it trains."""
+    selected = Selected(rows, columns)
+    sliced = nn.Parameter(selected.take(param.detach()).contiguous(), requires_grad=param.requires_grad)
+    if param.requires_grad:
+        replaced[param] = (sliced, selected)
+    return sliced
 
 
 def _update_config(config, hidden_size: int, head_dim: int, first_layer: LayerKeep) -> None:

@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.worker:  # a rank started by the launcher: the driver checked the inputs
             driver.execute_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
         else:
-            preflight.check(cfg)
+            preflight.check(cfg, tracking_server=False)  # one stage alone logs to metrics.jsonl only
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
     except config_lib.ConfigError as e:  # bad config or inputs: the message says what to fix, no traceback
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 2
+    except driver.StageFailed as e:  # a rank died or a write was refused: the message names it and the fix
+        print(f"apt-pipeline: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

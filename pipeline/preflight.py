@@ -1,7 +1,8 @@
 """Start-up checks of the inputs a run names, before any stage runs or anything is written.
 
 Only cheap reads: config.json, safetensors headers, the tokenizer, the head of each corpus file, one TCP
-connect per host. Every problem is collected and raised once, as `config.load` does for the config itself.
+connect per host, one request to the MLflow server. Every problem is collected and raised once, as
+`config.load` does for the config itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sentencepiece as spm
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from pipeline import tracking
 from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stages import prep
@@ -31,8 +33,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 """A tokenizer folder holds at least one; without, transformers 5 builds an empty tokenizer instead of failing."""
 
 
-def check(cfg: RunConfig) -> None:
-    """Raise ConfigError naming every bad input of `cfg` (model, tokenizer, corpus, hosts); return when all are fine."""
+def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
+    """Raise ConfigError naming every bad input of `cfg` (model, tokenizer, corpus, hosts, and the MLflow server
+    unless `tracking_server` is False: `apt-pipeline stage` logs to no server); return when all are fine."""
     problems = []
     vocab_size = cfg.model.vocab_size
     if cfg.model.path is not None:
@@ -45,6 +48,8 @@ def check(cfg: RunConfig) -> None:
         problems += corpus_problems(cfg.data.sources)
     if cfg.deepspeed.hostfile is not None and cfg.deepspeed.host_check_port:
         problems += host_problems(cfg.deepspeed)
+    if tracking_server and (server := tracking.server_problem(cfg.tracking.uri)) is not None:  # now, not in hours
+        problems.append(tracking.server_down(cfg.tracking.uri, server))
     if problems:
         raise ConfigError("invalid inputs (nothing was run or written):\n  " + "\n  ".join(problems))
 

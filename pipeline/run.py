@@ -10,18 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import checkpoints, preflight, tracking
 from pipeline import config as config_lib
-from pipeline import preflight, tracking
 from pipeline.dist import get_logger, is_main, rank, world_size
 from pipeline.stage import (
     MANIFEST,
     RANKS,
     Stage,
+    WriteFailed,
     describe_rank_failures,
     fingerprint,
     is_done,
     read_manifest,
     write_atomic,
+    write_failure,
     write_manifest,
     write_rank_status,
 )
@@ -40,6 +42,10 @@ RESUME_KEY = ".fingerprint"
 """Inside a resumable stage's folder: the fingerprint its checkpoints belong to."""
 
 log = get_logger("apt.run")
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped with an error the message explains (which rank, which file, what to do); no traceback."""
 
 
 def stage_by_name(name: str) -> Stage:
@@ -107,8 +113,12 @@ def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dic
     try:
         summary = stage.run(cfg.select(*stage.sections), run_dir)
     except BaseException as e:
+        failure = write_failure(e, stage_dir)
         if stage.distributed:
-            write_rank_status(stage_dir, rank(), "failed", f"{type(e).__name__}: {e}")
+            write_rank_status(stage_dir, rank(), "failed", failure_detail(e, failure))
+        elif failure is not None:  # a full disk or a file-size limit: the message says all, a traceback nothing
+            raise StageFailed(f"stage {stage.name} failed: {failure}\nDone stages stay done; running the same "
+                              f"command again starts at this one.") from e
         raise
     if stage.distributed:
         write_rank_status(stage_dir, rank(), "done")
@@ -121,6 +131,14 @@ def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dic
     return summary
 
 
+def failure_detail(error: BaseException, failure: WriteFailed | None) -> str:
+    """One line for a rank's status file: the error, plus the cause and fix when it was a refused write."""
+    detail = f"{type(error).__name__}: {error}"
+    if failure is None or failure is error:
+        return detail
+    return f"{detail} -- {failure.fix}"
+
+
 def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
     """Start the stage on every rank with the `deepspeed` launcher, wait, and check its manifest."""
     stage_dir = run_dir / stage.name
@@ -130,6 +148,7 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
     if key.is_file() and key.read_text() != fp:
         log.info("%s: config changed since its checkpoints were written; starting it over", stage.name)
         shutil.rmtree(stage_dir)
+    checkpoints.check_checkpoint(stage_dir / checkpoints.FOLDER)  # truncated or unsafe: refused before any rank starts
     stage_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(stage_dir / RANKS, ignore_errors=True)
     write_atomic(key, fp)
@@ -144,8 +163,8 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         ranks = describe_rank_failures(stage_dir) or "no rank recorded a failure (the launcher itself failed?)"
-        raise RuntimeError(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n"
-                           f"Running the same command again resumes it from its last checkpoint.")
+        raise StageFailed(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n"
+                          f"Running the same command again resumes it from its last checkpoint.")
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest["fingerprint"] != fp:
         raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {stage_dir}")

@@ -6,10 +6,14 @@ The manifest is written last, through a temp file and a rename, so a killed stag
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
+import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +25,16 @@ MANIFEST = "manifest.json"
 RANKS = ".ranks"
 """Inside a distributed stage's folder: one status file per rank, so a failure can be pinned on a rank."""
 TRACKED_PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "sentencepiece", "mlflow", "apt-pipeline")
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+"""What torch.save's C++ zip writer raises (a RuntimeError without errno) when the file system refuses a write."""
+RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class WriteFailed(OSError):
+    """The file system refused a write (full disk, file-size limit, quota); the message names the file and the fix."""
+
+    fix: str = ""
+    """The fix alone (the message without the file and the errno)."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +58,78 @@ def fingerprint(sections: dict, input_fingerprints: dict[str, str]) -> str:
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    Readers see the old file or the whole new one; a failed write leaves no temp file and raises an OSError
+    that names `path`, the cause (full disk, file-size limit, ...) and the fix."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        failure = write_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def write_failure(error: BaseException, path: Path) -> WriteFailed | None:
+    """`error` as a WriteFailed naming `path`, the cause and the fix, if it is a write the file system refused
+    (an OSError such as ENOSPC/EFBIG, a Rust I/O error, torch.save's errno-less RuntimeError); else None."""
+    if isinstance(error, WriteFailed):
+        return error
+    rust_io = RUST_IO_ERROR.search(str(error))  # safetensors and tokenizers report the errno in their text
+    if isinstance(error, OSError):
+        code = error.errno
+    elif rust_io is not None:
+        code = int(rust_io[1])
+    elif isinstance(error, RuntimeError) and any(text in str(error) for text in TORCH_WRITE_FAILURES):
+        code = likely_write_errno(path)
+    else:
+        return None
+    fix = write_fix(code, path)
+    if fix is None:
+        return None
+    failure = WriteFailed(code, f"could not write {path} ({os.strerror(code)}): {fix}")
+    failure.fix = fix
+    return failure
+
+
+def likely_write_errno(path: Path) -> int:
+    """Why a write under `path` failed when the error did not say: a file-size limit, a full disk, or EIO."""
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
+    if shutil.disk_usage(folder).free < 64 << 20:
+        return errno.ENOSPC
+    return errno.EIO
+
+
+def write_fix(code: int | None, path: Path) -> str | None:
+    """What to do about a refused write, by errno; None for errors that are not about space or limits."""
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        where = "" if limit == resource.RLIM_INFINITY else f" ({limit} bytes for this process)"
+        return (f"the file is larger than the file-size limit{where}; raise it (`ulimit -f unlimited`, or the "
+                f"job scheduler's file-size limit) and run the same command again")
+    if code == errno.ENOSPC:
+        return (f"the disk holding {path.parent} is full; free space (or set run.root to a larger disk) "
+                f"and run the same command again")
+    if code == errno.EDQUOT:
+        return "the disk quota is used up; free space or raise the quota and run the same command again"
+    if code == errno.EROFS:
+        return "the file system is read-only; set run.root to a writable folder"
+    if code == errno.EIO:
+        return ("the file system reported an I/O error; check free space (`df`), the file-size limit "
+                "(`ulimit -f`) and the disk, then run the same command again")
+    return None
 
 
 def save_tensors(tensors: dict, path: Path) -> None:

@@ -13,13 +13,17 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import urlopen
 
+from pipeline.config import ConfigError
 from pipeline.dist import get_logger, is_main
 from pipeline.stage import read_manifest, write_atomic
 
@@ -31,6 +35,15 @@ STAGE_ARTIFACT_SUFFIXES = (".json", ".png")
 """A stage's top-level files that go to MLflow: manifest, masks.json, masks.png, metrics.json."""
 CONFIG_ID_TAG = "apt.config_id"
 PREVIOUS_RUN_TAG = "apt.previous_run_id"
+LIVE_SYNC_SECONDS = 30.0
+"""While a stage runs, the driver copies its new metrics rows into MLflow this often."""
+SERVER_TIMEOUT_S = 3.0
+"""How long the start-up check, and the check after a failed call, wait for the tracking server to answer."""
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+"""MLflow's own defaults retry a dead server for minutes (7 retries, 120 s timeout); a user's values win."""
+MAX_METRICS_PER_BATCH = 1000
+"""MLflow's limit per log_batch call."""
 SECRET_PARTS = frozenset({"password", "passwd", "secret", "credential", "credentials", "apikey"})
 SECRET_LAST_PARTS = frozenset({"token", "key"})
 """Secret only as the last part: `hf_token`, `api_key`, but not `num_key_value_heads` or `token_budget`."""
@@ -141,6 +154,36 @@ def without_password(value: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def is_server(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(("http://", "https://"))
+
+
+def server_problem(uri: str | None, timeout: float = SERVER_TIMEOUT_S) -> str | None:
+    """Why the MLflow server at `uri` does not answer its /health page; None when it does or `uri` is no server.
+
+    Any HTTP answer below 500 counts as up (a proxy may want a login the check does not send)."""
+    if not is_server(uri):
+        return None
+    parts = urlsplit(uri)
+    url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
+    try:
+        with urlopen(url, timeout=timeout):
+            return None
+    except HTTPError as e:
+        return None if e.code < 500 else f"it answers HTTP {e.code} {e.reason}"
+    except (URLError, OSError) as e:  # refused, unknown host, timed out
+        reason = getattr(e, "reason", e)
+        # A TLS handshake took place: the server is up (MLflow may trust a certificate urllib does not).
+        return None if isinstance(reason, ssl.SSLError) else str(reason)
+
+
+def server_down(uri: str, problem: str) -> str:
+    """The start-up error for a tracking server that does not answer: what, where, and the two fixes."""
+    port = urlsplit(uri).port or (443 if uri.startswith("https") else 80)
+    return (f"tracking.uri: no MLflow server answers at {without_password(uri)} ({problem}); start it "
+            f"(launch/mlflow_server.sh DIR --port {port}) or unset tracking.uri to log into the run directory")
+
+
 def flatten_params(config: dict, prefix: str = "") -> dict[str, str]:
     """`{"train": {"lr": 0.1}}` -> `{"train.lr": "0.1"}`, leaving out secret-looking keys and URL passwords."""
     flat = {}
@@ -160,7 +203,10 @@ def flatten_params(config: dict, prefix: str = "") -> dict[str, str]:
 class MlflowLogger:
     """The MLflow run of one run directory (rank 0 only), resumed by the id in `<run_dir>/mlflow_run_id` unless
     its `config_id` differs (MLflow refuses to change a logged param; a new run then names the old one).
-    `uri` None: the embedded store `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts`."""
+    `uri` None: the embedded store `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts`.
+
+    A tracking server that stops answering mid-run does not stop the pipeline: one warning, then every call is
+    skipped (`lost` says why); metrics stay in metrics.jsonl and the next run logs what is missing."""
 
     def __init__(self, uri: str | None, experiment: str, run_dir: Path, *, run_name: str | None = None,
                  config_id: str | None = None):
@@ -171,6 +217,11 @@ class MlflowLogger:
         self.run_dir = run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        self.lost: str | None = None
+        """Why the tracking server stopped answering; None while it answers."""
+        if is_server(self.tracking_uri):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)  # read by MLflow at each request
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_id = self._experiment_id(experiment)
         self.run_id = self._open_run(run_name, config_id)
@@ -181,7 +232,7 @@ class MlflowLogger:
 
         items = [Param(key, value) for key, value in flatten_params(params).items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            self._send(self.client.log_batch, self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -189,36 +240,43 @@ class MlflowLogger:
         now = int(time.time() * 1000)
         self._log_metric_batch([Metric(key, float(value), now, step) for key, value in metrics.items()])
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Copy a file or a folder into the run's artifacts (under `artifact_path`)."""
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> bool:
+        """Copy a file or a folder into the run's artifacts (under `artifact_path`); False if the server is lost."""
+        send = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        return self._send(send, self.run_id, str(path), artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._send(self.client.set_tag, self.run_id, key, value)
 
     def replay_jsonl(self, path: Path, prefix: str) -> int:
         """Log the metrics.jsonl rows past this run's cursor for `prefix` (in mlflow_sync.json) as `<prefix>/<key>`.
         Each (key, step) is logged once however often a stage resumes; for a step a resumed stage logs again,
-        the first value stays. Returns how many steps were new."""
+        the first value stays. Returns how many steps were logged.
+
+        The cursor moves after each batch the server took. A batch whose answer was lost (the server died after
+        storing it) is sent again by the next run; the store keeps one row per identical (key, step, timestamp,
+        value), and those come from metrics.jsonl, so it still lands once."""
         from mlflow.entities import Metric
 
         sync = self._read_sync()
         last = sync["last_step"].get(prefix)
-        new: dict[tuple[str, int], Metric] = {}
+        new: dict[int, dict[str, Metric]] = {}
         for step, seconds, values in read_metric_rows(path):
             if last is not None and step <= last:
                 continue
+            row = new.setdefault(step, {})
             for key, value in values.items():
-                new.setdefault((key, step), Metric(f"{prefix}/{key}", value, int(seconds * 1000), step))
-        if not new:
-            return 0
-        self._log_metric_batch(list(new.values()))
-        sync["last_step"][prefix] = max(step for _, step in new)
-        self._write_sync(sync)
-        return len({step for _, step in new})
+                row.setdefault(key, Metric(f"{prefix}/{key}", value, int(seconds * 1000), step))
+        by_step = {step: list(row.values()) for step, row in new.items()}
+        logged = 0
+        for steps in step_batches(by_step):
+            metrics = [metric for step in steps for metric in by_step[step]]
+            if not self._send(self.client.log_batch, self.run_id, metrics=metrics):
+                break
+            sync["last_step"][prefix] = steps[-1]
+            self._write_sync(sync)
+            logged += len(steps)
+        return logged
 
     def sync_stage(self, stage_dir: Path) -> None:
         """Replay the stage's metrics and, once per manifest, log its top-level .json/.png files under `<stage>/`."""
@@ -230,7 +288,8 @@ class MlflowLogger:
             return
         for path in sorted(stage_dir.iterdir()):
             if path.is_file() and path.suffix in STAGE_ARTIFACT_SUFFIXES and not path.name.startswith("."):
-                self.log_artifact(path, stage)
+                if not self.log_artifact(path, stage):
+                    return  # the server is gone: the next run logs this stage's files again
         sync["manifests"][stage] = manifest["fingerprint"]
         self._write_sync(sync)
 
@@ -243,7 +302,26 @@ class MlflowLogger:
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED; a resumed pipeline sets it RUNNING again."""
-        self.client.set_terminated(self.run_id, status)
+        self._send(self.client.set_terminated, self.run_id, status)
+
+    def _send(self, call, *args, **kwargs) -> bool:
+        """Make one MLflow call. If it fails and the server no longer answers, warn once and skip this and every
+        later call (False): losing the tracking server must not stop a training run."""
+        if self.lost is not None:
+            return False
+        try:
+            call(*args, **kwargs)
+        except Exception as e:
+            problem = server_problem(self.tracking_uri)
+            if problem is None:  # the store answers (or is no server): the error is real
+                raise
+            self.lost = problem
+            log.warning("MLflow server %s stopped answering (%s: %s; %s). The pipeline goes on without it: metrics "
+                        "stay in <stage>/metrics.jsonl; run the same command again once the server is back and "
+                        "what is missing is logged then", without_password(self.tracking_uri), type(e).__name__,
+                        str(e)[:200], problem)
+            return False
+        return True
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -294,8 +372,8 @@ class MlflowLogger:
             return None  # the stored id belongs to another store (tracking.uri changed)
 
     def _log_metric_batch(self, metrics: list) -> None:
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self._send(self.client.log_batch, self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
     def _read_sync(self) -> dict:
         path = self.run_dir / SYNC_FILE
@@ -306,6 +384,21 @@ class MlflowLogger:
 
     def _write_sync(self, state: dict) -> None:
         write_atomic(self.run_dir / SYNC_FILE, json.dumps(state, indent=2))
+
+
+def step_batches(metrics_by_step: dict[int, list], limit: int = MAX_METRICS_PER_BATCH) -> Iterator[list[int]]:
+    """Consecutive runs of steps (ascending) whose metrics fit one batch; a step is never split across two."""
+    steps: list[int] = []
+    size = 0
+    for step in sorted(metrics_by_step):
+        count = len(metrics_by_step[step])
+        if steps and size + count > limit:
+            yield steps
+            steps, size = [], 0
+        steps.append(step)
+        size += count
+    if steps:
+        yield steps
 
 
 class LiveReplay:
@@ -344,8 +437,14 @@ def pipeline_run(cfg) -> Iterator[MlflowLogger]:
     """The driver's MLflow run for `cfg.run_dir`: params = the flattened config, plus the resolved config file.
     Ends it FINISHED, FAILED or KILLED (Ctrl-C) and logs where to look at it."""
     tracking = cfg.tracking
-    logger = MlflowLogger(tracking.uri, tracking.experiment, cfg.run_dir, run_name=cfg.run.name,
-                          config_id=config_id(cfg.to_dict()))
+    try:
+        logger = MlflowLogger(tracking.uri, tracking.experiment, cfg.run_dir, run_name=cfg.run.name,
+                              config_id=config_id(cfg.to_dict()))
+    except Exception as e:  # the server went away since the start-up check: say so, not MLflow's retry trace
+        problem = server_problem(tracking.uri)
+        if problem is None:
+            raise
+        raise ConfigError(server_down(tracking.uri, problem)) from e
     logger.log_params(cfg.to_dict())
     if (cfg.run_dir / "config.yaml").is_file():
         logger.log_artifact(cfg.run_dir / "config.yaml")
@@ -359,15 +458,20 @@ def pipeline_run(cfg) -> Iterator[MlflowLogger]:
     finally:
         logger.close(status)
         log.info("tracking: MLflow run %s (%s); open it with: %s", logger.run_id, status.lower(), logger.where())
+        if logger.lost is not None:
+            log.warning("tracking: the MLflow run misses what came after the server stopped answering; run the "
+                        "same command again once %s is back: done stages are skipped and their metrics and files "
+                        "are logged then", without_password(logger.tracking_uri))
 
 
 @contextlib.contextmanager
-def tracked_stage(logger: MlflowLogger, stage_dir: Path, *, live_every: float = 30.0) -> Iterator[None]:
-    """Tag `stage.<name>` running, then done or failed; its metrics reach MLflow while it runs and at its end."""
+def tracked_stage(logger: MlflowLogger, stage_dir: Path, *, live_every: float | None = None) -> Iterator[None]:
+    """Tag `stage.<name>` running, then done or failed; its metrics reach MLflow while it runs (every `live_every`
+    seconds, default LIVE_SYNC_SECONDS) and at its end."""
     tag = f"stage.{stage_dir.name}"
     logger.set_tag(tag, "running")
     try:
-        with LiveReplay(logger, stage_dir, live_every):
+        with LiveReplay(logger, stage_dir, LIVE_SYNC_SECONDS if live_every is None else live_every):
             yield
     except BaseException:
         logger.set_tag(tag, "failed")

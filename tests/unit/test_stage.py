@@ -1,4 +1,6 @@
+import errno
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import time
 import pytest
 
 from pipeline import run as driver
-from pipeline.stage import Stage, fingerprint, is_done, write_atomic
+from pipeline.stage import Stage, WriteFailed, fingerprint, is_done, write_atomic, write_failure
 
 
 def test_fingerprint_depends_on_config_and_inputs():
@@ -97,3 +99,46 @@ def test_deleted_output_makes_stage_stale(tmp_path, counting_stages):
     time.sleep(0.01)
     driver.run_pipeline(cfg)
     assert counting_stages == ["a", "b", "a", "b"]
+
+
+WRITE_BIG_FILE = """
+import sys
+from pathlib import Path
+from pipeline.stage import save_tensors, write_atomic
+path = Path(sys.argv[1])
+if sys.argv[2] == "write_atomic":
+    write_atomic(path, b"x" * 100_000)
+else:
+    import torch
+    save_tensors({"w": torch.zeros(25_000)}, path)
+"""
+
+
+@pytest.mark.parametrize("writer", ["write_atomic", "save_tensors"])
+def test_a_write_over_the_file_size_limit_names_the_file_and_the_fix_and_keeps_the_old_file(tmp_path, writer):
+    path = tmp_path / "stage" / "out.safetensors"
+    write_atomic(path, b"the previous output")
+    limit = 50_000  # RLIMIT_FSIZE: the kernel refuses writes past it (EFBIG; Python ignores SIGXFSZ)
+    result = subprocess.run([sys.executable, "-c", WRITE_BIG_FILE, str(path), writer], capture_output=True, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"pipeline.stage.WriteFailed: [Errno {errno.EFBIG}] could not write {path} "), error
+    assert f"file-size limit ({limit} bytes for this process)" in error and "ulimit -f" in error
+    assert path.read_bytes() == b"the previous output"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_write_failure_knows_refused_writes_and_nothing_else(tmp_path):
+    path = tmp_path / "checkpoints" / "step20"
+    full = write_failure(OSError(errno.ENOSPC, "No space left on device"), path)
+    assert isinstance(full, WriteFailed) and full.errno == errno.ENOSPC
+    assert str(full).startswith(f"[Errno {errno.ENOSPC}] could not write {path} (No space left on device): the disk")
+    rust = write_failure(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"), path)
+    assert rust.errno == errno.EFBIG and "ulimit -f" in str(rust)
+    torch_writer = write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                                 path)
+    assert torch_writer.errno in (errno.EFBIG, errno.ENOSPC, errno.EIO) and "ulimit -f" in str(torch_writer)
+    assert write_failure(full, tmp_path) is full
+    for other in (FileNotFoundError(errno.ENOENT, "gone"), RuntimeError("CUDA out of memory"), ValueError("bad")):
+        assert write_failure(other, path) is None

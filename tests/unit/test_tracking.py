@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -243,3 +246,34 @@ def test_pipeline_run_logs_the_flat_config_and_ends_the_run(tiny_config, store_u
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["run.name"] == cfg.run.name
     assert run.info.run_name == cfg.run.name
     assert [Path(f.path).name for f in client(store_uri).list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_replay_batches_hold_whole_steps():
+    # The sync cursor moves per batch the server took, so a batch must end at a step boundary.
+    by_step = {3: ["m"] * 400, 1: ["m"] * 400, 2: ["m"] * 400, 4: ["m"] * 1200, 5: ["m"]}
+    assert list(tracking.step_batches(by_step, limit=1000)) == [[1, 2], [3], [4], [5]]
+
+
+@pytest.mark.parametrize("status, down", [(200, False), (401, False), (404, False), (503, True)])
+def test_a_server_counts_as_up_when_it_answers_below_500(status, down):
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        problem = tracking.server_problem(f"http://user:pw@127.0.0.1:{server.server_address[1]}/prefix")
+        server.shutdown()
+    assert (problem is not None) == down and (not down or "HTTP 503" in problem)
+
+
+def test_no_server_is_checked_for_a_local_store_and_a_closed_port_is_down():
+    assert tracking.server_problem(None) is None and tracking.server_problem("sqlite:///x/mlflow.db") is None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert "refused" in tracking.server_problem(f"http://127.0.0.1:{port}")

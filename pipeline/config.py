@@ -30,6 +30,9 @@ class RunSection:
     seed: int = 0
     """Seed for data split, initialisation and sampling."""
 
+    PLACEMENT: typing.ClassVar[tuple[str, ...]] = ("name", "root")
+    """Where the run lives, not what it computes: left out of fingerprints, so a moved run directory resumes."""
+
     def problems(self) -> list[str]:
         out = []
         if not self.name or "/" in self.name:
@@ -193,9 +196,16 @@ class PruningSection:
     """Kept neurons and hidden channels are multiples of this (1 disables)."""
     min_hidden: int = 16
     """Hidden channels that are never pruned."""
+    compact: bool = True
+    """Cut blocks whose mask and target reached 0 out of the training model (and its optimizer) mid-finetune, so
+    later steps run on a smaller model. A block removed this way can never come back. Not with apt.distill."""
+    compact_min_fraction: float = 0.05
+    """Compact only once at least this fraction of some block type (heads, KV heads, neurons, hidden) can go."""
 
     def problems(self) -> list[str]:
         out = []
+        if not 0.0 <= self.compact_min_fraction <= 1.0:
+            out.append(f"compact_min_fraction: {self.compact_min_fraction} must be in [0, 1]")
         if not 0.0 < self.target_remaining <= 1.0:
             out.append(f"target_remaining: {self.target_remaining} must be in (0, 1]")
         if self.start_step < 0 or self.end_step <= self.start_step:
@@ -359,9 +369,11 @@ class RunConfig:
 
     def fingerprint_sections(self, *sections: str) -> dict:
         """The named sections as plain dicts, without placement fields: what a stage's fingerprint covers."""
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
-        for name in DeepSpeedSection.PLACEMENT:
-            out.get("deepspeed", {}).pop(name, None)
+        out = {}
+        for name in sections:
+            section = getattr(self, name)
+            placement = getattr(section, "PLACEMENT", ())
+            out[name] = {key: value for key, value in dataclasses.asdict(section).items() if key not in placement}
         return out
 
     def select(self, *sections: str) -> types.SimpleNamespace:
@@ -423,6 +435,10 @@ def from_dict(raw: dict) -> RunConfig:
     if pruning and train and train.steps < (needed := pruning.end_step + math.ceil(1 / pruning.mask_step)):
         problems.append(f"train.steps: {train.steps} leaves masks fractional; gradual masks need "
                         f"pruning.end_step + 1/pruning.mask_step = {needed} steps to reach exactly 0 or 1")
+    apt = sections.get("apt")
+    if apt and pruning and apt.distill and pruning.compact:
+        problems.append("pruning.compact: compaction cuts blocks out of the backbone the self-distillation teacher "
+                        "shares, which would change the teacher; set pruning.compact=false with apt.distill=true")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RunConfig)})
     problems += [f"{name}: unknown section; known: {', '.join(_SECTIONS)}" for name in unknown]
     if problems:

@@ -33,7 +33,13 @@ def init_distributed(timeout_minutes: float) -> None:
     import torch
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # DeepSpeed creates its ZeRO sub-groups without a timeout, so torch gives them its module default (30 min on
+    # gloo, 10 on NCCL): make that default ours, so a hung rank fails every collective after the same time.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def get_logger(name: str = "apt") -> logging.Logger:

@@ -224,3 +224,24 @@ def compact_accumulator(accumulator: SalienceAccumulator, plan: CompactionPlan) 
     compacted.load_state_dict(slice_salience_sums(accumulator.state_dict(), plan))
     compacted.enabled, compacted.grad_scale = accumulator.enabled, accumulator.grad_scale
     return compacted
+
+
+def narrow_alive(alive: MaskSet, plan: CompactionPlan) -> MaskSet:
+    """Binary masks in the ORIGINAL model's positions of the blocks still present after `plan`.
+
+    `alive` marks what earlier compactions kept (all ones before the first); the plan's indices count only those,
+    so the k-th kept position of a row is its k-th alive one. Slicing the original base by the result gives the
+    compacted base, which is how finetune writes it: streamed from the original checkpoint, never gathered.
+    """
+
+    def narrow(row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        narrowed = torch.zeros_like(row)
+        narrowed[row.nonzero().flatten()[kept.to(row.device)]] = 1.0
+        return narrowed
+
+    return MaskSet(
+        head_mask=torch.stack([narrow(alive.head_mask[i], keep.heads) for i, keep in enumerate(plan.layers)]),
+        kv_mask=torch.stack([narrow(alive.kv_mask[i], keep.kv_heads) for i, keep in enumerate(plan.layers)]),
+        neuron_mask=torch.stack([narrow(alive.neuron_mask[i], keep.neurons) for i, keep in enumerate(plan.layers)]),
+        hidden_mask=narrow(alive.hidden_mask, plan.hidden),
+    )

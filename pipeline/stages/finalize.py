@@ -18,9 +18,10 @@ from transformers import AutoConfig
 
 from pipeline import dist
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.compaction import physical_fraction
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
-from pipeline.model_io import base_model_dir
+from pipeline.model_io import base_model_dir, tuned_base_dir
 from pipeline.stage import save_tensors, write_atomic
 from pipeline.stages.salience import final_masks, read_scores
 
@@ -33,8 +34,11 @@ log = dist.get_logger("apt.finalize")
 
 def run(cfg, run_dir: Path) -> dict:
     pruning = cfg.pruning
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir(cfg.model, run_dir)),
-                                                        trust_remote_code=cfg.model.trust_remote_code))
+    # After a compaction the masks describe the compacted base; the budget is still the original model's.
+    original, shape = (ModelShape.from_config(AutoConfig.from_pretrained(
+        str(directory), trust_remote_code=cfg.model.trust_remote_code))
+        for directory in (base_model_dir(cfg.model, run_dir), tuned_base_dir(cfg.model, run_dir)))
+    budget = physical_fraction(pruning.target_remaining, original, shape)
     trained = final_masks(run_dir / "finetune")
     trained.check_gqa(shape, pruning.attention_mode)
     scores = read_scores(run_dir / "salience")
@@ -43,13 +47,13 @@ def run(cfg, run_dir: Path) -> dict:
         "neuron": scores["neuron"].masked_fill(trained.neuron_mask == 0, PRUNED_SCORE),
         "hidden": scores["hidden"].masked_fill(trained.hidden_mask == 0, PRUNED_SCORE),
     }
-    searched = search_masks(shape, ranked, pruning.target_remaining, attention_mode=pruning.attention_mode,
+    searched = search_masks(shape, ranked, budget, attention_mode=pruning.attention_mode,
                             layout=pruning.layout, round_to=pruning.round_to, min_hidden=pruning.min_hidden)
     masks = MaskSet(**{name: torch.minimum(a, b) for (name, a), b in
                        zip(searched.to_dict().items(), trained.to_dict().values(), strict=True)})
     masks.check_gqa(shape, pruning.attention_mode)
 
-    total = total_params(shape)
+    total = total_params(original)
     kept = kept_sizes(masks)
     remaining = remaining_params(shape, kept)
     if remaining > pruning.target_remaining * total:

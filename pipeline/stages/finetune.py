@@ -27,7 +27,7 @@ import torch
 from deepspeed.checkpoint import ds_to_universal
 from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import dist
 from pipeline.apt.adapters import (
@@ -39,6 +39,15 @@ from pipeline.apt.adapters import (
     set_masks,
 )
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.compaction import (
+    CompactionPlan,
+    compact_accumulator,
+    narrow_alive,
+    physical_fraction,
+    plan_compaction,
+    slice_masks,
+    slice_scores,
+)
 from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
@@ -46,9 +55,10 @@ from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.search import search_masks
 from pipeline.checkpoints import LATEST, check_checkpoint
 from pipeline.ds_config import load_ds_config, zero_stage
-from pipeline.engine import global_adapter_salience, grow_adapters, rebuild_engine
-from pipeline.model_io import load_base_model
-from pipeline.stage import save_tensors, write_atomic
+from pipeline.engine import compact_engine, global_adapter_salience, grow_adapters, rebuild_engine
+from pipeline.model_io import FINETUNE_STATE, base_model_dir, load_base_model
+from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
+from pipeline.stages.merge import BaseWeights, export_pruned
 from pipeline.tracking import metric_logger
 
 SECTIONS = ("run", "model", "apt", "pruning", "train", "deepspeed")
@@ -69,6 +79,12 @@ class AptState:
     """Self-distillation: the adapters frozen at the start of the pruning window (name -> (A, B))."""
     skipped_steps: int = 0
     """Steps dropped because a loss was inf/NaN (train.nonfinite=skip)."""
+    growth_budget: float = 0.0
+    """Adapter parameters rank growth may reach: apt.tuning_budget x those of the initial, uncompacted model."""
+    alive: MaskSet | None = None
+    """After a compaction: 1 where a block of the ORIGINAL model is still in the training model."""
+    base_model: str | None = None
+    """After a compaction: the compacted base's folder inside finetune/ (masks, EMA, adapters follow its shape)."""
 
 
 @dataclass(frozen=True)
@@ -104,15 +120,18 @@ def run(cfg, run_dir: Path) -> dict:
     splits = datasets.load_from_disk(str(run_dir / "prep" / "dataset")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, train, world_size)
 
-    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed)
-    shape = ModelShape.from_config(model.config)
+    compacted = stage_dir / meta["base_model"] if meta is not None and meta.get("base_model") else None
+    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed, directory=compacted)
+    shape = ModelShape.from_config(model.config)  # the training model's; smaller than the original after compaction
+    original_shape = shape if compacted is None else ModelShape.from_config(AutoConfig.from_pretrained(
+        str(base_model_dir(cfg.model, run_dir)), trust_remote_code=cfg.model.trust_remote_code))
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha,
                     dropout=cfg.apt.dropout, generator=torch.Generator().manual_seed(cfg.run.seed))
     salience = SalienceAccumulator(shape)
     salience.attach(model)
-    growth_budget = cfg.apt.tuning_budget * adapter_params(list(named_adapters(model)))  # of the initial adapters
-    total = total_params(shape)
-    state = AptState(masks=MaskSet.ones(shape), target=MaskSet.ones(shape))
+    total = total_params(original_shape)
+    state = AptState(masks=MaskSet.ones(shape), target=MaskSet.ones(shape),
+                     growth_budget=cfg.apt.tuning_budget * adapter_params(list(named_adapters(model))))
     if resume_from is None:
         engine = build_engine(model, ds_config, train)
     else:
@@ -131,6 +150,8 @@ def run(cfg, run_dir: Path) -> dict:
     metrics = metric_logger(stage_dir)
     tokens_per_step = train.micro_batch_size * train.grad_accum * world_size * splits["train"][0]["input_ids"].numel()
     row: dict = {}
+    step_times: list[float] = []
+    compactions: list[dict] = []
     progress = tqdm(total=train.steps, initial=state.step, desc="finetune", disable=not dist.is_main())
     while state.step < train.steps:
         started = time.perf_counter()
@@ -162,25 +183,38 @@ def run(cfg, run_dir: Path) -> dict:
             log.warning("step %d skipped: inf/NaN loss on rank(s) %s (%d skipped so far)", state.step,
                         bad_ranks, state.skipped_steps)
         if grow_now and not skip:
-            engine = grow(engine, adapter_scores, cfg.apt, growth_budget, ds_config, train, cfg.run.seed + state.step)
+            engine = grow(engine, adapter_scores, cfg.apt, state.growth_budget, ds_config, train,
+                          cfg.run.seed + state.step)
 
         rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
                                  final=pruning.target_remaining)
         if in_update_window(state.step, pruning):
-            state.ema, state.target = salience_update(salience, state, shape, rho, cfg.apt, pruning)
+            state.ema, state.target = salience_update(salience, state, shape,
+                                                      physical_fraction(rho, original_shape, shape), cfg.apt, pruning)
             if dist.is_main():
                 save_update(stage_dir / "updates", state)
         state.masks = step_toward(state.masks, state.target, pruning.mask_step)
         set_masks(engine.module, state.masks)
 
         step_time = time.perf_counter() - started
+        step_times.append(step_time)
+        plan = plan_compaction(state.masks, state.target, shape, pruning.attention_mode,
+                               min_fraction=pruning.compact_min_fraction) if pruning.compact else None
+        if plan is not None:
+            engine, salience = compact(engine, plan, state, salience, ds_config, train, cfg.model, run_dir)
+            shape = plan.after
+            compactions.append({"step": state.step, "params_before": total_params(plan.before),
+                                "params_after": total_params(plan.after),
+                                "step_time_before": sum(step_times[-3:]) / len(step_times[-3:])})
+        timed_compaction(compactions, state.step, step_times)
         kept = kept_sizes(state.masks)
         losses = {} if skip else {"loss": loss_sum / train.grad_accum, "objective": objective_sum / train.grad_accum}
         row = {**losses, "lr": engine.get_lr()[0], "remaining_target": rho,
                "adapter_params": adapter_params(list(named_adapters(engine.module))),
                "remaining": remaining_params(shape, kept) / total, "kept_hidden": kept.hidden,
                "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
-               "tokens_per_s": tokens_per_step / step_time, "skipped_steps": state.skipped_steps}
+               "tokens_per_s": tokens_per_step / step_time, "skipped_steps": state.skipped_steps,
+               "model_params": total_params(shape) / total}
         metrics.log_metrics(row, step=state.step)
         progress.update(1)
         progress.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", lr=f"{row['lr']:.1e}",
@@ -198,7 +232,7 @@ def run(cfg, run_dir: Path) -> dict:
                "target_remaining": pruning.target_remaining,
                "kept_hidden": kept.hidden, "kept_heads": list(kept.heads), "kept_neurons": list(kept.neurons),
                "zero_stage": zero_stage(ds_config), "precision": train.precision, "world_size": world_size,
-               "skipped_steps": state.skipped_steps}
+               "skipped_steps": state.skipped_steps, "compactions": compactions}
     adapters = trainable_fp32(engine)  # every rank takes part: under ZeRO-3 this gathers partitions
     if dist.is_main():
         write_apt_state(stage_dir, state)
@@ -382,6 +416,52 @@ def mask_checksum(masks: MaskSet) -> float:
     return total
 
 
+# ---- compaction ----------------------------------------------------------------------------------------
+
+
+def compact(engine, plan: CompactionPlan, state: AptState, salience: SalienceAccumulator, ds_config: dict, train,
+            model_cfg, run_dir: Path):
+    """Cut the plan's dead blocks out of the model, its optimizer state and the APT state; write the smaller base.
+
+    Collective (every rank holds the same masks, so the same plan). Returns the new engine and accumulator.
+    """
+    started = time.perf_counter()
+    engine = compact_engine(engine, plan, ds_config, optimizer_factory(train))
+    state.masks, state.target = slice_masks(state.masks, plan), slice_masks(state.target, plan)
+    state.ema = None if state.ema is None else slice_scores(state.ema, plan)
+    compacted = compact_accumulator(salience, plan)
+    salience.detach()
+    compacted.attach(engine.module)
+    state.alive = narrow_alive(state.alive or MaskSet.ones(plan.before), plan)
+    state.base_model = f"compacted/step{state.step:06d}"
+    if dist.is_main():
+        write_compacted_base(base_model_dir(model_cfg, run_dir), state.alive, run_dir / "finetune" / state.base_model,
+                             model_cfg.trust_remote_code)
+    sizes = plan.summary()
+    log.info("compaction at step %d: hidden %d->%d, heads %d->%d, KV heads %d->%d, neurons %d->%d, parameters "
+             "%d->%d (%.2fx); rebuilt in %.1fs", state.step, sizes["hidden_before"], sizes["hidden_after"],
+             sizes["heads_before"], sizes["heads_after"], sizes["kv_heads_before"], sizes["kv_heads_after"],
+             sizes["neurons_before"], sizes["neurons_after"], sizes["params_before"], sizes["params_after"],
+             sizes["params_after"] / sizes["params_before"], time.perf_counter() - started)
+    return engine, compacted
+
+
+def write_compacted_base(original_dir: Path, alive: MaskSet, out_dir: Path, trust_remote_code: bool) -> None:
+    """The original base sliced to the blocks still alive, streamed from its safetensors in its own dtype."""
+    dtype = BaseWeights(original_dir).get("model.norm.weight").dtype
+    export_pruned(base_dir=original_dir, adapters_path=None, masks=alive, scaling=0.0, dtype=dtype, out_dir=out_dir,
+                  trust_remote_code=trust_remote_code)
+
+
+def timed_compaction(compactions: list[dict], step: int, step_times: list[float]) -> None:
+    """Fill in the step time after the latest compaction: steps 2-4 after it (the first one warms the new engine)."""
+    if compactions and "step_time_after" not in compactions[-1] and step - compactions[-1]["step"] == 4:
+        event = compactions[-1]
+        event["step_time_after"] = sum(step_times[-3:]) / 3
+        log.info("step time %.3fs before the step-%d compaction, %.3fs after (%.2fx)", event["step_time_before"],
+                 event["step"], event["step_time_after"], event["step_time_after"] / event["step_time_before"])
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------
 
 
@@ -487,26 +567,34 @@ def save(engine, checkpoints: Path, state: AptState, salience: SalienceAccumulat
     tag = f"step{state.step}"
     if dist.is_main():  # written before `latest` names the tag, so a resume always finds it
         meta = {"adapter_ranks": {name: adapter.rank for name, adapter in named_adapters(engine.module)},
-                "world_size": world_size, "global_batch": train.micro_batch_size * train.grad_accum * world_size}
+                "world_size": world_size, "global_batch": train.micro_batch_size * train.grad_accum * world_size,
+                "base_model": state.base_model}
         write_atomic(meta_file(checkpoints, tag), json.dumps(meta, indent=1))
     client_state = {
         "apt_step": state.step,
         "apt_skipped_steps": state.skipped_steps,
+        "apt_growth_budget": state.growth_budget,
         "apt_masks": state.masks.to_dict(),
         "apt_target": state.target.to_dict(),
         "apt_ema": None if state.ema is None else asdict(state.ema),
         "apt_salience_sums": salience.state_dict(),
         "apt_teacher": state.teacher,
+        "apt_alive": None if state.alive is None else state.alive.to_dict(),
+        "apt_base_model": state.base_model,
         "apt_rng": rng_state(),
     }
     try:
         engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
                                exclude_frozen_parameters=True, save_latest=False)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer raises an errno-less RuntimeError
+        failure = write_failure(e, checkpoints / tag)
+        if failure is None:
+            raise
         previous = (checkpoints / LATEST).read_text().strip() if (checkpoints / LATEST).is_file() else None
-        raise OSError(e.errno, f"writing checkpoint {checkpoints / tag} failed ({e}); free disk space or raise "
-                               f"the file-size limit and run again: it resumes from "
-                               f"{previous or 'the start'}, which is intact") from e
+        resumable = WriteFailed(failure.errno, f"{failure.strerror}; a rerun resumes from "
+                                               f"{previous or 'the start'}, which is intact")
+        resumable.fix = failure.fix
+        raise resumable from e
     if dist.is_main():
         write_atomic(checkpoints / LATEST, tag)
 
@@ -521,11 +609,12 @@ def resume(engine, checkpoints: Path, load_tag: str, salience: SalienceAccumulat
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    ema = client["apt_ema"]
+    ema, alive = client["apt_ema"], client.get("apt_alive")
     return AptState(step=client["apt_step"], masks=MaskSet.from_dict(client["apt_masks"]),
                     target=MaskSet.from_dict(client["apt_target"]),
                     ema=None if ema is None else SalienceScores(**ema), teacher=client["apt_teacher"],
-                    skipped_steps=client.get("apt_skipped_steps", 0))
+                    skipped_steps=client["apt_skipped_steps"], growth_budget=client["apt_growth_budget"],
+                    alive=None if alive is None else MaskSet.from_dict(alive), base_model=client.get("apt_base_model"))
 
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:
@@ -535,10 +624,13 @@ def trainable_fp32(engine) -> dict[str, torch.Tensor]:
 
 
 def write_apt_state(stage_dir: Path, state: AptState) -> None:
-    """The final masks and salience beside the checkpoints, for the later stages."""
+    """The final masks and salience beside the checkpoints, for the later stages (in the compacted base's shape,
+    whose folder `base_model` names; `alive.*` places it in the original model)."""
     tensors = {f"masks.{k}": v for k, v in state.masks.to_dict().items()}
     tensors |= {f"target.{k}": v for k, v in state.target.to_dict().items()}
     if state.ema is not None:
         tensors |= {f"ema.{k}": v for k, v in asdict(state.ema).items()}
+    if state.alive is not None:
+        tensors |= {f"alive.{k}": v for k, v in state.alive.to_dict().items()}
     save_tensors(tensors, stage_dir / "apt_state.safetensors")
-    write_atomic(stage_dir / "apt_state.json", json.dumps({"step": state.step}, indent=2))
+    write_atomic(stage_dir / FINETUNE_STATE, json.dumps({"step": state.step, "base_model": state.base_model}, indent=2))

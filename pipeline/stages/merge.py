@@ -21,7 +21,7 @@ from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import kept_indices, layer_slices, plan_layer
 from pipeline.hetero import AptLlamaConfig
-from pipeline.model_io import base_model_dir
+from pipeline.model_io import tuned_base_dir
 from pipeline.stage import write_atomic
 
 SECTIONS = ("model", "apt", "pruning", "export")
@@ -34,7 +34,7 @@ def run(cfg, run_dir: Path) -> dict:
     masks = MaskSet.from_dict(load_file(str(run_dir / "finalize" / "masks.safetensors")))
     out_dir = run_dir / "merge" / "model"
     summary = export_pruned(
-        base_dir=base_model_dir(cfg.model, run_dir),
+        base_dir=tuned_base_dir(cfg.model, run_dir),
         adapters_path=run_dir / "finetune" / "adapters.safetensors",
         masks=masks,
         scaling=cfg.apt.alpha / cfg.apt.rank,
@@ -83,11 +83,12 @@ def _tensor_names(path: Path) -> list[str]:
 
 
 @torch.no_grad()
-def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scaling: float, dtype: torch.dtype,
+def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet, scaling: float, dtype: torch.dtype,
                   out_dir: Path, trust_remote_code: bool = False) -> dict:
     """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
 
-    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type."""
+    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type.
+    Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
     plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
@@ -96,9 +97,9 @@ def export_pruned(*, base_dir: Path, adapters_path: Path, masks: MaskSet, scalin
         raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
                          f"use pruning.layout=uniform")
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
-    if not adapters_path.is_file():
+    if adapters_path is not None and not adapters_path.is_file():
         raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
-    adapters = load_file(str(adapters_path))
+    adapters = load_file(str(adapters_path)) if adapters_path is not None else {}
     base = BaseWeights(base_dir)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

@@ -21,7 +21,7 @@ from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.ds_config import load_ds_config
-from pipeline.model_io import load_adapters, load_base_model
+from pipeline.model_io import load_adapters, load_base_model, tuned_base_dir
 from pipeline.stage import save_tensors
 from pipeline.stages.finetune import BatchOrder, build_engine, loss_scale
 
@@ -40,7 +40,8 @@ def run(cfg, run_dir: Path) -> dict:
     train_split = datasets.load_from_disk(str(run_dir / "prep" / "dataset" / "train")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, cfg.train, world_size)
 
-    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed)
+    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed,
+                            directory=tuned_base_dir(cfg.model, run_dir))
     shape = ModelShape.from_config(model.config)
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha)
     load_adapters(model, finetune_dir / "adapters.safetensors")
@@ -49,11 +50,11 @@ def run(cfg, run_dir: Path) -> dict:
     accumulator.attach(model)
     engine = build_engine(model, ds_config, cfg.train)  # backward only: the optimizer never steps
 
-    batches = BatchOrder(len(train_split), cfg.train.micro_batch_size, world_size, rank,
+    batches = BatchOrder(len(train_split), cfg.train.micro_batch_size, 1, world_size, rank,
                          cfg.run.seed + CALIBRATION_SEED_OFFSET)
     tokens = torch.zeros(1, dtype=torch.float64)
     for index in tqdm(range(cfg.salience.batches), desc="salience", disable=not dist.is_main()):
-        batch = train_split[batches.indices(index)]
+        batch = train_split[batches.indices(index, 0)]
         accumulator.grad_scale = world_size * loss_scale(engine)
         loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         engine.backward(loss)

@@ -153,7 +153,8 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
     resumed = make_config(tmp_path, prep_dir, "resumed", *common)
     checkpoints = resumed.run_dir / "finetune" / "checkpoints"
     shutil.copytree(straight.run_dir / "finetune" / "checkpoints", checkpoints)
-    shutil.copytree(straight.run_dir / "finetune" / "base_model", resumed.run_dir / "finetune" / "base_model")
+    for folder in ("base_model", "compacted"):
+        shutil.copytree(straight.run_dir / "finetune" / folder, resumed.run_dir / "finetune" / folder)
     shutil.rmtree(checkpoints / "step30")
     (checkpoints / "latest").write_text("step20")
     spawn(finetune_rank, 2, resumed, False)
@@ -163,7 +164,7 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
 @pytest.mark.slow
 def test_self_distillation_trains_under_zero3(tmp_path, prep_dir):
     # The teacher is the model tuned for 10 steps before pruning starts, as in APT.
-    cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5",
+    cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5", "pruning.compact=false",
                       "pruning.start_step=10", "pruning.end_step=25", "train.steps=35",
                       "deepspeed.config=ds_configs/zero3_cpu.json", "train.precision=bf16")
     spawn(finetune_rank, 2, cfg, False)
@@ -175,3 +176,30 @@ def test_self_distillation_trains_under_zero3(tmp_path, prep_dir):
     assert sum(r["loss"] for r in rows[-10:]) / 10 < sum(r["loss"] for r in rows[:3]) / 3
     summary = json.loads((cfg.run_dir / "finetune" / "manifest.json").read_text())["summary"]
     assert summary["remaining_fraction"] <= 0.5
+
+
+@pytest.mark.slow
+def test_resume_after_compactions_matches_uninterrupted_under_zero3(tmp_path, prep_dir):
+    common = ["train.checkpoint_every=10", "train.precision=fp32", "deepspeed.config=ds_configs/zero3_cpu.json"]
+    straight = make_config(tmp_path, prep_dir, "straight", *common)
+    spawn(finetune_rank, 2, straight, False)
+    stage_dir = straight.run_dir / "finetune"
+    compactions = json.loads((stage_dir / "manifest.json").read_text())["summary"]["compactions"]
+    assert [c["step"] for c in compactions if c["step"] < 20], compactions  # the resume below crosses one
+    assert all(c["params_after"] < c["params_before"] for c in compactions)
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["model_params"] < 0.5  # the training model itself shrank
+    curve = losses(straight.run_dir)
+    assert sum(curve[-10:]) / 10 < sum(curve[:3]) / 3 - 0.1  # and kept learning
+
+    # Resume from the step-20 checkpoint, taken on a compacted model, in a copy of the run.
+    resumed = make_config(tmp_path, prep_dir, "resumed", *common)
+    shutil.copytree(stage_dir, resumed.run_dir / "finetune",
+                    ignore=shutil.ignore_patterns("step30", "meta-step30.json", "*.safetensors", "manifest.json"))
+    shutil.copytree(stage_dir / "compacted", resumed.run_dir / "finetune" / "compacted", dirs_exist_ok=True)
+    shutil.copytree(stage_dir / "base_model", resumed.run_dir / "finetune" / "base_model", dirs_exist_ok=True)
+    (resumed.run_dir / "finetune" / "checkpoints" / "latest").write_text("step20")
+    spawn(finetune_rank, 2, resumed, False)
+    assert_same_finetune_outputs(straight.run_dir, resumed.run_dir)
+    state = json.loads((resumed.run_dir / "finetune" / "apt_state.json").read_text())
+    assert state["base_model"] == json.loads((stage_dir / "apt_state.json").read_text())["base_model"]

@@ -11,6 +11,7 @@ from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_
 from pipeline.apt.compaction import (
     compact_accumulator,
     compact_model,
+    narrow_alive,
     physical_fraction,
     plan_compaction,
     slice_masks,
@@ -239,6 +240,36 @@ def test_compacting_twice_composes(tiny_model, input_ids):
     )
     with pytest.raises(ValueError, match="the plan is for a model of shape"):
         compact_model(model, first)
+
+
+def test_the_compacted_base_streamed_from_the_original_checkpoint_is_the_training_models(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.stages.finetune import write_compacted_base
+
+    model = tiny_model("llama", num_kv_heads=2, num_layers=2)
+    model.save_pretrained(tmp_path / "original")
+    model = wrapped(model)
+    shape = ModelShape.from_config(model.config)
+    masks = MaskSet.ones(shape)
+    masks.neuron_mask[:, 5:29] = 0
+    first = plan_compaction(*dead(masks), shape, "kv_group")
+    compact_model(model, first)
+    masks = slice_masks(masks, first)
+    masks.kv_mask[:, 0] = 0
+    masks.head_mask[:, :2] = 0
+    masks.hidden_mask[1::2] = 0
+    masks.neuron_mask[:, :8] = 0  # physical neurons 5-7 are the original 29-31: indices count only those alive
+    second = plan_compaction(*dead(masks), first.after, "kv_group")
+    compact_model(model, second)
+    alive = narrow_alive(narrow_alive(MaskSet.ones(shape), first), second)
+
+    write_compacted_base(tmp_path / "original", alive, tmp_path / "compacted", trust_remote_code=False)
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "compacted").state_dict()
+    held = {name.replace(".base.", "."): param for name, param in model.named_parameters() if not param.requires_grad}
+    assert held.keys() <= written.keys()
+    for name, param in held.items():
+        assert torch.equal(written[name], param), name
 
 
 def accumulate(model, input_ids):

@@ -72,3 +72,13 @@ def test_real_scale_examples_load_once_paths_exist(name, tmp_path):
                                                     f"tokenizer.path={tmp_path}", "deepspeed.hostfile=null",
                                                     "deepspeed.num_nodes=1"])
     assert dataclasses.asdict(cfg)["model"]["path"] == str(tmp_path)
+
+
+def test_where_a_run_lives_and_runs_is_not_part_of_its_fingerprints():
+    base = config_lib.load("configs/tiny.yaml")
+    moved = config_lib.load("configs/tiny.yaml", ["run.name=moved", "run.root=/elsewhere", "deepspeed.num_gpus=1",
+                                                  "deepspeed.master_port=30000", "deepspeed.timeout_minutes=5"])
+    retrained = config_lib.load("configs/tiny.yaml", ["run.seed=1"])
+    sections = ("run", "train", "deepspeed")
+    assert moved.fingerprint_sections(*sections) == base.fingerprint_sections(*sections)
+    assert retrained.fingerprint_sections(*sections) != base.fingerprint_sections(*sections)

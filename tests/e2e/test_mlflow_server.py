@@ -2,63 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
 from pipeline.tracking import JsonlLogger, MlflowLogger
 
-from harness import free_port
+from harness import MlflowServer
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
-    """A server on a free local port with a SQLite store in tmp_path; always terminated."""
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--artifacts-destination", str(store / "mlartifacts")]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
-    # Its own session, so that the uvicorn worker it forks goes down with it; the background job runner
-    # (MLflow's GenAI jobs) is not needed and would leave worker processes behind.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """A server on a free local port with a SQLite store in tmp_path; always killed."""
+    server = MlflowServer(tmp_path / "server")
     try:
-        wait_until_up(server, url, tmp_path / "server.log")
+        server.start()
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails the test, not a long retry
-        yield url, store
+        yield server.url, server.store
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
-def wait_until_up(server: subprocess.Popen, url: str, log_path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"mlflow server did not answer on {url} within {timeout} s:\n{log_path.read_text()[-3000:]}")
+        server.kill()
 
 
 def test_logger_writes_through_a_real_server(tmp_path, mlflow_server):

@@ -37,6 +37,7 @@ from pipeline.apt.search import search_masks
 from report import environment_lines, write_section
 
 SECTION = "## Compaction: training step time"
+TARGET = 0.60  # compacted step over dense step at ~50 % remaining parameters
 QUICK = {"hidden": 256, "layers": 4, "intermediate": 688, "vocab": 4096, "seq": 128, "steps": 4, "warmup": 1}
 """--quick: a smaller model and fewer rounds, to check that the script runs (its numbers are not the recorded ones)."""
 
@@ -169,11 +170,11 @@ def report(args: argparse.Namespace, command: str, result: dict) -> str:
             f"| {row['cpu']:.3f} | {row['hooks'] * 1e3:.0f} | {result['tokens_per_step'] / row['wall']:.0f} "
             f"| {ratios[0]:.3f} | {ratios[1]:.3f} |"
         )
-    verdict = "meets" if result["ratio_cpu"] <= 0.60 else "misses"
+    verdict = "meets" if result["ratio_cpu"] <= TARGET else "misses"
     lines += [
         "",
         f"**Compacted / dense step time at {result['remaining']:.3f} remaining parameters: "
-        f"{result['ratio_wall']:.3f}× wall, {result['ratio_cpu']:.3f}× CPU** ({verdict} the ≤ 0.60 target).",
+        f"{result['ratio_wall']:.3f}× wall, {result['ratio_cpu']:.3f}× CPU** ({verdict} the ≤ {TARGET:.2f} target).",
     ]
     return "\n".join(lines) + "\n"
 

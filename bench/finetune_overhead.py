@@ -26,7 +26,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.apt.adapters import APTLinear, inject_adapters, set_masks
-from pipeline.apt.blocks import ModelShape
+from pipeline.apt.blocks import ModelShape, total_params
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
 
@@ -34,6 +34,18 @@ from report import environment_lines, write_section
 
 SECTION = "## Fine-tuning overhead"
 MIB = 1024 * 1024
+TARGET = 1.10  # APT step over LoRA step (same wrapped model, hooks off)
+QUICK = {
+    "hidden": 256,
+    "layers": 4,
+    "intermediate": 688,
+    "vocab": 4096,
+    "seq": 128,
+    "steps": 4,
+    "warmup": 1,
+    "memory_repeats": 1,
+}
+"""--quick: a smaller model and fewer rounds, to check that the script runs (its numbers are not the recorded ones)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,9 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="another salience.py (e.g. `git show HEAD:pipeline/apt/salience.py > /tmp/s.py`) timed as apt-ref",
     )
     run.add_argument("--skip-memory", action="store_true", help="time steps only")
+    run.add_argument("--quick", action="store_true", help=f"smaller and shorter: {QUICK}")
     run.add_argument("--results", type=Path, default=None, help=f"markdown file whose '{SECTION}' section to write")
     run.add_argument("--child", choices=sorted(MEMORY_VARIANTS), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
 
 
 # ---- models -----------------------------------------------------------------------------------------------
@@ -317,12 +333,33 @@ def run_memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak": peak_bytes, "runtime": runtime_bytes, "trainable": trainable}))
 
 
-def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
+def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
+    """The command line of a memory child: every setting that shapes its model, batch and steps, then `--child`."""
+    options = {
+        "--hidden": args.hidden,
+        "--layers": args.layers,
+        "--heads": args.heads,
+        "--kv-heads": args.kv_heads,
+        "--intermediate": args.intermediate,
+        "--vocab": args.vocab,
+        "--seq": args.seq,
+        "--batch": args.batch,
+        "--rank": args.rank,
+        "--targets": ",".join(args.targets),
+        "--seed": args.seed,
+        "--memory-steps": args.memory_steps,
+        "--threads": args.threads,
+    }
+    argv = [str(part) for option, value in options.items() if value is not None for part in (option, value)]
+    return [*argv, "--child", variant]
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     """Median peak RSS per variant over `args.memory_repeats` children, run one after another, interleaved."""
     samples = {name: [] for name in MEMORY_VARIANTS}
     for _ in range(args.memory_repeats):
         for name in MEMORY_VARIANTS:
-            command = [sys.executable, __file__, *argv, "--child", name]
+            command = [sys.executable, __file__, *child_argv(args, name)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             samples[name].append(json.loads(output.strip().splitlines()[-1]))
             print(f"memory {name}: peak {samples[name][-1]['peak'] / MIB:.0f} MiB", file=sys.stderr, flush=True)
@@ -332,21 +369,49 @@ def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]
     }
 
 
+def measure(args: argparse.Namespace | None = None) -> dict:
+    """Step times of the variants interleaved in this process, APT / LoRA, and (unless skipped) peak RSS per variant.
+
+    `args` as `parse_args` makes them (None: the defaults). Sets torch's thread count when `args.threads` is set.
+    """
+    args = args or parse_args([])
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    variants = timed_variants(args)
+    rounds = time_steps(variants, make_batch(args), args.warmup, args.steps)
+    result = {
+        "params": total_params(ModelShape.from_config(variants[0].model.config)),
+        "variants": [{"name": v.name, "description": v.description, "hooks": v.hooks is not None} for v in variants],
+        "rounds": rounds,
+        "ratio_wall": paired_ratio(rounds, "apt", "lora", "wall"),
+        "ratio_cpu": paired_ratio(rounds, "apt", "lora", "cpu"),
+        "memory": {},
+    }
+    del variants  # the memory children run next; this process need not hold the models meanwhile
+    if not args.skip_memory:
+        memory = result["memory"] = measure_memory(args)
+        full, apt = memory["full"], memory["apt"]
+        result["peak_ratio"] = apt["peak"] / full["peak"]
+        result["peak_ratio_above_runtime"] = (apt["peak"] - apt["runtime"]) / (full["peak"] - full["runtime"])
+    return result
+
+
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-def step_table(variants: list[TimedVariant], rounds: list[dict], tokens: int) -> list[str]:
+def step_table(variants: list[dict], rounds: list[dict], tokens: int) -> list[str]:
     lines = [
         "| variant | what | median wall (s) | median CPU (s) | of which hooks (ms) | tokens/s (wall) "
         "| × lora wall | × lora CPU |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
-        wall, cpu = median_time(rounds, variant.name, "wall"), median_time(rounds, variant.name, "cpu")
-        hooks = f"{median_time(rounds, variant.name, 'hooks') * 1e3:.0f}" if variant.hooks else "–"
-        ratios = [paired_ratio(rounds, variant.name, "lora", clock) for clock in ("wall", "cpu")]
+        name = variant["name"]
+        wall, cpu = median_time(rounds, name, "wall"), median_time(rounds, name, "cpu")
+        hooks = f"{median_time(rounds, name, 'hooks') * 1e3:.0f}" if variant["hooks"] else "–"
+        ratios = [paired_ratio(rounds, name, "lora", clock) for clock in ("wall", "cpu")]
         lines.append(
-            f"| {variant.name} | {variant.description} | {wall:.3f} | {cpu:.3f} | {hooks} | {tokens / wall:.0f} "
+            f"| {name} | {variant['description']} | {wall:.3f} | {cpu:.3f} | {hooks} | {tokens / wall:.0f} "
             f"| {ratios[0]:.3f} | {ratios[1]:.3f} |"
         )
     return lines
@@ -364,11 +429,10 @@ def memory_table(memory: dict[str, dict]) -> list[str]:
     return lines
 
 
-def report(
-    args: argparse.Namespace, command: str, variants: list[TimedVariant], rounds: list[dict], memory: dict
-) -> str:
+def report(args: argparse.Namespace, command: str, result: dict) -> str:
     """The markdown section: setup, step-time table, memory table, headline ratios."""
     tokens = args.batch * args.seq
+    rounds, memory = result["rounds"], result["memory"]
     lines = [
         SECTION,
         "",
@@ -381,7 +445,7 @@ def report(
         f"- step = forward + backward + AdamW step; {len(rounds)} timed rounds after {args.warmup} warm-up, "
         "variants interleaved in one process, order rotating each round",
         "",
-        *step_table(variants, rounds, tokens),
+        *step_table(result["variants"], rounds, tokens),
         "",
         "Ratios are medians over rounds of the per-round ratio (both variants of a round ran back to back)."
         + (
@@ -391,13 +455,12 @@ def report(
             else ""
         ),
         "",
-        f"**APT / LoRA step time: {paired_ratio(rounds, 'apt', 'lora', 'wall'):.3f}× wall, "
-        f"{paired_ratio(rounds, 'apt', 'lora', 'cpu'):.3f}× CPU** (same wrapped model, hooks off; target ≤ 1.10×); "
+        f"**APT / LoRA step time: {result['ratio_wall']:.3f}× wall, {result['ratio_cpu']:.3f}× CPU** "
+        f"(same wrapped model, hooks off; target ≤ {TARGET:.2f}×); "
         f"APT / plain LoRA: {paired_ratio(rounds, 'apt', 'lora-plain', 'wall'):.3f}× wall, "
         f"{paired_ratio(rounds, 'apt', 'lora-plain', 'cpu'):.3f}× CPU.",
     ]
     if memory:
-        full, apt = memory["full"], memory["apt"]
         lines += [
             "",
             f"Peak memory: one child process per run, {args.memory_steps} steps each, median of "
@@ -405,8 +468,8 @@ def report(
             "",
             *memory_table(memory),
             "",
-            f"**APT / full fine-tuning peak RSS: {apt['peak'] / full['peak']:.3f}×** "
-            f"(above runtime: {(apt['peak'] - apt['runtime']) / (full['peak'] - full['runtime']):.3f}×).",
+            f"**APT / full fine-tuning peak RSS: {result['peak_ratio']:.3f}×** "
+            f"(above runtime: {result['peak_ratio_above_runtime']:.3f}×).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -414,16 +477,13 @@ def report(
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.child is not None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         run_memory_child(args)
         return
     command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *argv])
-    variants = timed_variants(args)
-    rounds = time_steps(variants, make_batch(args), args.warmup, args.steps)
-    memory = {} if args.skip_memory else measure_memory(args, argv)
-    section = report(args, command, variants, rounds, memory)
+    section = report(args, command, measure(args))
     print(section)
     if args.results is not None:
         write_section(args.results, SECTION, section)

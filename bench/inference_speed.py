@@ -39,6 +39,17 @@ from report import environment_lines, write_section
 
 SECTION = "## Inference speed of the export"
 TARGET = 1.8  # the issue's target: generate tokens/s of the ~50% export over the dense model
+QUICK = {
+    "hidden": 512,
+    "layers": 4,
+    "heads": 8,
+    "kv_heads": 2,
+    "intermediate": 1376,
+    "vocab": 4096,
+    "new_tokens": 16,
+    "repeats": 3,
+}
+"""--quick: a smaller model and fewer rounds, to check that the script runs (its numbers are not the recorded ones)."""
 WALL, CPU = 0, 1  # indices of the two clocks in every timing
 ROLES = ("q/k/v/o_proj", "gate_proj + up_proj", "down_proj", "lm_head")
 
@@ -71,8 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
     work.add_argument("--no-floor", action="store_true", help="skip the hidden-64 overhead-floor model")
     work.add_argument("--no-profile", action="store_true", help="skip the profiled batch-1 matmul breakdown")
+    work.add_argument("--quick", action="store_true", help=f"smaller and shorter: {QUICK}")
     parser.add_argument("--results", type=Path, default=None, help=f"markdown file whose '{SECTION}' section to write")
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (ms/step divides by new_tokens - 1)")
     return args
@@ -288,15 +302,55 @@ def profile_interleaved(models: dict[tuple, nn.Module], args: argparse.Namespace
     return medians
 
 
+def measure(args: argparse.Namespace | None = None) -> dict:
+    """Export, load and time the models interleaved in this process: speed-ups per dtype, workload and batch.
+
+    `args` as `parse_args` makes them (None: the defaults). Sets torch's thread count when `args.threads` > 0.
+    """
+    args = args or parse_args([])
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="apt-inference-") as workdir:
+        dense_dir, pruned_dirs, summary = export(args, Path(workdir))
+        models = {}
+        for dtype in args.dtype:
+            models[(dtype, "dense")] = load(dense_dir, dtype)
+            models[(dtype, "pruned")] = load(pruned_dirs[dtype], dtype)
+            if not args.no_floor:
+                models[(dtype, "floor")] = build_floor(args, dtype)
+        rounds = time_rounds(models, workloads(args), args.warmup, args.repeats)
+        profiles = {} if args.no_profile else profile_interleaved(models, args)
+    names = ("dense", "pruned")
+    params = {name: count_params(models[(args.dtype[0], name)]) for name in names}
+    dense, pruned = params["dense"][0], params["pruned"][0]
+    if not dense == summary["dense_params"] or not pruned == summary["params"] == summary["expected_params"]:
+        raise RuntimeError(f"parameter counts disagree: loaded {dense:,} / {pruned:,}, accounting {summary}")
+    speedup = {}
+    for dtype in args.dtype:
+        for batch in args.batch:
+            for workload in ("generate", "prefill"):
+                speedup[(dtype, workload, batch)] = {
+                    "wall": paired_speedup(rounds, dtype, workload, batch, WALL),
+                    "cpu": paired_speedup(rounds, dtype, workload, batch, CPU),
+                }
+    return {
+        "summary": summary,
+        "params": params,
+        "remaining": pruned / dense,
+        "configs": {name: models[(args.dtype[0], name)].config for name in names},
+        "rounds": rounds,
+        "profiles": profiles,
+        "speedup": speedup,
+    }
+
+
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-def params_table(args: argparse.Namespace, models: dict[tuple, nn.Module], summary: dict) -> list[str]:
-    dtype = args.dtype[0]
-    dense, dense_outer = count_params(models[(dtype, "dense")])
-    pruned, pruned_outer = count_params(models[(dtype, "pruned")])
-    if not dense == summary["dense_params"] or not pruned == summary["params"] == summary["expected_params"]:
-        raise RuntimeError(f"parameter counts disagree: loaded {dense:,} / {pruned:,}, accounting {summary}")
+def params_table(args: argparse.Namespace, result: dict) -> list[str]:
+    (dense, dense_outer), (pruned, pruned_outer) = result["params"]["dense"], result["params"]["pruned"]
+    summary = result["summary"]
     return [
         "| model | params | sizes | embedding + lm_head share |",
         "|---|---:|---|---:|",
@@ -404,8 +458,9 @@ def reading_lines(args: argparse.Namespace, rounds: list[dict], summary: dict, p
     return lines
 
 
-def report(args, command: str, models, summary, rounds, profiles) -> str:
+def report(args: argparse.Namespace, command: str, result: dict) -> str:
     """The markdown section: setup, parameters, speed table, matmul breakdown, reading."""
+    rounds, profiles = result["rounds"], result["profiles"]
     lines = [
         SECTION,
         "",
@@ -425,7 +480,7 @@ def report(args, command: str, models, summary, rounds, profiles) -> str:
         "(generate − prefill) / (new tokens − 1); floor = the dense config at hidden 64, intermediate 64, "
         "head_dim 4; speedup above floor = (dense − floor) / (pruned − floor)",
         "",
-        *params_table(args, models, summary),
+        *params_table(args, result),
         "",
         *speed_table(args, rounds),
     ]
@@ -435,30 +490,17 @@ def report(args, command: str, models, summary, rounds, profiles) -> str:
             f"Matmuls of one batch-1 decode step ({args.dtype[0]}, torch.profiler (wall clock) over a generate of "
             f"{args.new_tokens} tokens, median of 3 per model, alternating; GB/s = weight bytes read / time):",
             "",
-            *matmul_table(profiles, {name: models[(args.dtype[0], name)].config for name in profiles}),
+            *matmul_table(profiles, result["configs"]),
         ]
-    lines += ["", "Reading:", "", *reading_lines(args, rounds, summary, profiles)]
+    lines += ["", "Reading:", "", *reading_lines(args, rounds, result["summary"], profiles)]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *argv])
-    with tempfile.TemporaryDirectory(prefix="apt-inference-") as workdir:
-        dense_dir, pruned_dirs, summary = export(args, Path(workdir))
-        models = {}
-        for dtype in args.dtype:
-            models[(dtype, "dense")] = load(dense_dir, dtype)
-            models[(dtype, "pruned")] = load(pruned_dirs[dtype], dtype)
-            if not args.no_floor:
-                models[(dtype, "floor")] = build_floor(args, dtype)
-        rounds = time_rounds(models, workloads(args), args.warmup, args.repeats)
-        profiles = {} if args.no_profile else profile_interleaved(models, args)
-    section = report(args, command, models, summary, rounds, profiles)
+    section = report(args, command, measure(args))
     print(section)
     if args.results is not None:
         write_section(args.results, SECTION, section)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from harness import spawn
 
 pytestmark = pytest.mark.dist

@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 import torch
-from harness import assert_same_finetune_outputs, spawn
 from safetensors.torch import load_file
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+
+from harness import assert_same_finetune_outputs, spawn
 
 pytestmark = pytest.mark.dist
 

@@ -2,20 +2,16 @@
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from harness import assert_same_finetune_outputs, free_port, spawn
 from safetensors.torch import load_file
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+
+from harness import assert_same_finetune_outputs, spawn
 
 pytestmark = pytest.mark.dist
 
@@ -73,8 +69,9 @@ def updates(run_dir):
 
 
 @pytest.mark.slow
+# bf16, the default; fp32 under both stages trains in test_elastic.py and the resume tests below.
 @pytest.mark.parametrize("template", ["zero2_cpu", "zero3_cpu"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["bf16"])
 def test_loss_falls_and_target_is_met(tmp_path, prep_dir, template, precision):
     cfg = make_config(tmp_path, prep_dir, "run", f"deepspeed.config=ds_configs/{template}.json",
                       f"train.precision={precision}")
@@ -110,33 +107,6 @@ def test_two_ranks_decide_like_one(tmp_path, prep_dir):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted(tmp_path, prep_dir):
-    common = ["train.steps=40", "train.checkpoint_every=10", "train.precision=fp32",
-              "deepspeed.config=ds_configs/zero2_cpu.json"]
-    straight = make_config(tmp_path, prep_dir, "straight", *common, f"deepspeed.master_port={free_port()}")
-    spawn(finetune_rank, 2, straight, False)
-
-    killed = make_config(tmp_path, prep_dir, "killed", *common, f"deepspeed.master_port={free_port()}")
-    config_path = tmp_path / "killed.yaml"
-    config_path.write_text(config_lib.dump(killed))
-    command = [sys.executable, "-m", "pipeline.cli", "stage", "finetune", "--config", str(config_path)]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed.run_dir / "finetune" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "step20"):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, as when a node dies
-    proc.wait()
-    assert not (killed.run_dir / "finetune" / "manifest.json").exists()
-
-    resumed = subprocess.run(command, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step" in resumed.stderr
-    assert_same_finetune_outputs(straight.run_dir, killed.run_dir)
-
-
-@pytest.mark.slow
 def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir):
     common = ["apt.grow_every=10", "train.checkpoint_every=10", "train.precision=fp32",
               "deepspeed.config=ds_configs/zero2_cpu.json"]
@@ -164,8 +134,8 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
 @pytest.mark.slow
 def test_self_distillation_trains_under_zero3(tmp_path, prep_dir):
     # The teacher is the model tuned for 10 steps before pruning starts, as in APT.
-    cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5", "pruning.compact=false",
-                      "pruning.start_step=10", "pruning.end_step=25", "train.steps=35",
+    cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5",
+                      "pruning.compact=false", "pruning.start_step=10", "pruning.end_step=25", "train.steps=35",
                       "deepspeed.config=ds_configs/zero3_cpu.json", "train.precision=bf16")
     spawn(finetune_rank, 2, cfg, False)
     rows = [json.loads(line) for line in (cfg.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]

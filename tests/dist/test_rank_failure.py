@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
-from harness import free_port
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+
+from harness import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -4,11 +4,12 @@ import shutil
 
 import pytest
 import torch
-from harness import spawn
 from safetensors.torch import load_file
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+
+from harness import spawn
 
 pytestmark = pytest.mark.dist
 

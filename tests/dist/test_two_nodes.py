@@ -12,12 +12,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from harness import assert_same_finetune_outputs, free_port, spawn
-from safetensors.torch import load_file
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+
+from harness import assert_same_finetune_outputs, free_port, spawn
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

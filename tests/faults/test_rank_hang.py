@@ -12,7 +12,7 @@ from harness import spawn
 
 pytestmark = pytest.mark.dist
 
-TIMEOUT_MINUTES = 0.05  # 3 s
+TIMEOUT_MINUTES = 0.2  # 12 s: also the limit for the ranks to meet at start-up and in new_group, so not less
 
 
 def reduce_while_rank_1_hangs(rank, world_size, out_dir, subgroup):

@@ -21,6 +21,7 @@ from finetune_overhead import (
     HookTimer,
     TimedVariant,
     adamw,
+    add_model_and_training_args,
     build_apt_model,
     make_batch,
     median_time,
@@ -44,24 +45,7 @@ QUICK = {"hidden": 256, "layers": 4, "intermediate": 688, "vocab": 4096, "seq": 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model (LlamaForCausalLM, random init)")
-    model.add_argument("--hidden", type=int, default=512)
-    model.add_argument("--layers", type=int, default=8)
-    model.add_argument("--heads", type=int, default=8)
-    model.add_argument("--kv-heads", type=int, default=4)
-    model.add_argument("--intermediate", type=int, default=1376)
-    model.add_argument("--vocab", type=int, default=8192)
-    train = parser.add_argument_group("training")
-    train.add_argument("--seq", type=int, default=256)
-    train.add_argument("--batch", type=int, default=2)
-    train.add_argument("--rank", type=int, default=8, help="adapter rank")
-    train.add_argument(
-        "--targets",
-        type=lambda text: tuple(text.split(",")),
-        default=("q_proj", "v_proj", "up_proj", "down_proj"),
-        help="comma-separated projections that get adapters",
-    )
-    train.add_argument("--seed", type=int, default=0)
+    add_model_and_training_args(parser)
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--remaining", type=float, default=0.5, help="remaining fraction the masks are searched at")
     pruning.add_argument("--attention-mode", choices=("kv_group", "query_in_group"), default="kv_group")

@@ -48,8 +48,8 @@ QUICK = {
 """--quick: a smaller model and fewer rounds, to check that the script runs (its numbers are not the recorded ones)."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_and_training_args(parser: argparse.ArgumentParser) -> None:
+    """The model and training-step options every training benchmark shares (this one and compaction.py)."""
     model = parser.add_argument_group("model (LlamaForCausalLM, random init)")
     model.add_argument("--hidden", type=int, default=512)
     model.add_argument("--layers", type=int, default=8)
@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated projections that get adapters",
     )
     train.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_training_args(parser)
     run = parser.add_argument_group("measurement")
     run.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     run.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.masks import ATTENTION_MODES
 from pipeline.apt.search import search_masks
-from pipeline.stages.merge import DTYPES, export_pruned
+from pipeline.export import DTYPES, export_pruned
 
 from report import environment_lines, write_section
 

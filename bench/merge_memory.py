@@ -21,7 +21,7 @@ import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file
 from pipeline.apt.masks import MaskSet
-from pipeline.stages.merge import export_pruned
+from pipeline.export import export_pruned
 
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])  # KiB

@@ -1,7 +1,8 @@
 """The run configuration: one typed tree of frozen dataclasses, loaded from YAML plus dotted overrides.
 
 Every value is checked once, at start-up; a bad config fails with the full key path, the value and
-what is allowed, before any stage runs. Stages receive only the sections they read (`RunConfig.select`).
+what is allowed, before any stage runs. Each stage receives only the sections it reads, as a typed
+view (`RunConfig.select(FinetuneConfig)`).
 """
 
 from __future__ import annotations
@@ -376,12 +377,68 @@ class RunConfig:
             out[name] = {key: value for key, value in dataclasses.asdict(section).items() if key not in placement}
         return out
 
-    def select(self, *sections: str) -> types.SimpleNamespace:
-        """The named sections only: what one stage may read."""
-        return types.SimpleNamespace(**{name: getattr(self, name) for name in sections})
+    def select(self, view: type[StageView]) -> StageView:
+        """The sections one stage may read, as that stage's typed view (`FinetuneConfig`, ...)."""
+        return view(**{f.name: getattr(self, f.name) for f in dataclasses.fields(view)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+
+# ---- per-stage views: the sections each stage reads, typed; they (and its inputs) make its fingerprint ----------
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    data: DataSection
+    tokenizer: TokenizerSection
+    model: ModelSection
+    run: RunSection
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    run: RunSection
+    model: ModelSection
+    apt: AptSection
+    pruning: PruningSection
+    train: TrainSection
+    deepspeed: DeepSpeedSection
+
+
+@dataclass(frozen=True)
+class SalienceConfig:
+    run: RunSection
+    model: ModelSection
+    apt: AptSection
+    train: TrainSection
+    deepspeed: DeepSpeedSection
+    salience: SalienceSection
+
+
+@dataclass(frozen=True)
+class FinalizeConfig:
+    model: ModelSection
+    pruning: PruningSection
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    model: ModelSection
+    apt: AptSection
+    pruning: PruningSection
+    export: ExportSection
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: ModelSection
+    eval: EvalSection
+
+
+StageView = typing.TypeVar("StageView", PrepConfig, FinetuneConfig, SalienceConfig, FinalizeConfig, MergeConfig,
+                           EvalConfig)
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:

@@ -1,4 +1,4 @@
-"""Rebuilding a DeepSpeed engine around a reshaped model; adapter salience every rank agrees on (DESIGN §5, §6b).
+"""Rebuilding a DeepSpeed engine around a reshaped model; adapter salience all ranks share (docs/design.md §5, §6b).
 
 DeepSpeed cannot change a parameter's shape inside an engine. `rebuild_engine` reads the full fp32 weight and
 optimizer moments of every trainable parameter, destroys the engine, builds a new one on the same (reshaped) module

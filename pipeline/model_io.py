@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,25 +12,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline import dist
 from pipeline.ds_config import zero_stage
-
-BUILT_BASE = "base_model"
-"""Inside finetune/: a model built from the config, saved once so later stages stream the same weights."""
-
-
-FINETUNE_STATE = "apt_state.json"
-"""Inside finetune/: the final step and, after a compaction, the folder of the compacted base (`base_model`)."""
-
-
-def base_model_dir(model_cfg, run_dir: Path) -> Path:
-    """Where the original base weights live: the user's checkpoint, or the one finetune saved for a built model."""
-    return Path(model_cfg.path) if model_cfg.path is not None else run_dir / "finetune" / BUILT_BASE
-
-
-def tuned_base_dir(model_cfg, run_dir: Path) -> Path:
-    """The base the fine-tuned adapters and masks belong to: finetune's last compacted base, else the original."""
-    state = run_dir / "finetune" / FINETUNE_STATE
-    compacted = json.loads(state.read_text()).get("base_model") if state.is_file() else None
-    return run_dir / "finetune" / compacted if compacted else base_model_dir(model_cfg, run_dir)
+from pipeline.layout import RunLayout
 
 
 def build_config(model_cfg, vocab_size: int):
@@ -54,7 +35,7 @@ def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, 
     if directory is not None and not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}/config.json not found: the (compacted) base the finetune checkpoints "
                                 f"refer to is missing; restore it, or delete {directory.parent} to start over")
-    directory = directory or base_model_dir(model_cfg, run_dir)
+    directory = directory or RunLayout(run_dir, model_cfg).base_model
     if (directory / "config.json").is_file():
         # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
         _ds_context = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841

@@ -1,8 +1,8 @@
 """Start-up checks of the inputs a run names, before any stage runs or anything is written.
 
-Only cheap reads: config.json, safetensors headers, the tokenizer, the head of each corpus file, one TCP
-connect per host, one request to the MLflow server. Every problem is collected and raised once, as
-`config.load` does for the config itself.
+Only cheap reads: config.json, safetensors headers, the tokenizer, the first records of each corpus file (a
+parquet file's schema), the local datasets cache, one TCP connect per host, one request to the MLflow server.
+Every problem is collected and raised once, as `config.load` does for the config itself.
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import datasets
 import sentencepiece as spm
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from pipeline import tracking
+from pipeline import corpus, tracking
 from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
 from pipeline.config import ConfigError, RunConfig
-from pipeline.stages import prep
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
 """Hostfile names that need no network check."""
 HOST_TIMEOUT_S = 3.0
 HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)")
 """A hostfile line as DeepSpeed's launcher reads it: `host slots=N`."""
-SNIFF_CHARS = 1 << 16
+MAX_CORPUS_PROBLEMS = 5
+"""Bad corpus files listed by name; a folder of many like them gets a count for the rest."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 """A tokenizer folder holds at least one; without, transformers 5 builds an empty tokenizer instead of failing."""
 
@@ -39,13 +39,18 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
     problems = []
     vocab_size = cfg.model.vocab_size
     if cfg.model.path is not None:
-        model_config, config_problems = checkpoint_config(cfg.model)
+        model_config, config_problems = checkpoint_config(cfg.model, cfg.data.seq_len)
         problems += config_problems + weight_problems(Path(cfg.model.path))
         vocab_size = model_config.get("vocab_size") if model_config else None
+    chat_template = False  # a trained or SentencePiece .model tokenizer has none
     if cfg.tokenizer.path is not None:
-        problems += tokenizer_problems(cfg.tokenizer.path, vocab_size, cfg.model.trust_remote_code)
+        chat_template, tokenizer_issues = inspect_tokenizer(cfg.tokenizer.path, vocab_size,
+                                                            cfg.model.trust_remote_code)
+        problems += tokenizer_issues
     if cfg.data.hub_name is None:
-        problems += corpus_problems(cfg.data.sources)
+        problems += corpus_problems(cfg.data, chat_template)
+    elif (hub := hub_problem(cfg.data.hub_name)) is not None:
+        problems.append(hub)
     if cfg.deepspeed.hostfile is not None and cfg.deepspeed.host_check_port:
         problems += host_problems(cfg.deepspeed)
     if tracking_server and (server := tracking.server_problem(cfg.tracking.uri)) is not None:  # now, not in hours
@@ -57,8 +62,9 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
 # ---- model -----------------------------------------------------------------------------------------------
 
 
-def checkpoint_config(model) -> tuple[dict | None, list[str]]:
-    """config.json of `model.path` as a dict (None if unreadable), and why it is not a model we can prune."""
+def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
+    """config.json of `model.path` as a dict (None if unreadable), and why it is not a model we can prune at
+    `seq_len` tokens."""
     config_path = Path(model.path) / "config.json"
     if not config_path.is_file():
         return None, [f"model.path: {config_path} not found; give a from_pretrained folder"]
@@ -73,9 +79,13 @@ def checkpoint_config(model) -> tuple[dict | None, list[str]]:
         return raw, [f"model.path: {config_path} has model_type {model_type!r}; supported: "
                      f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)"]
     try:  # the shape finetune will read: catches what a supported type can still get wrong (GQA, biases)
-        ModelShape.from_config(AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code))
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        ModelShape.from_config(config)
     except ValueError as e:
         return raw, [f"model.path: {config_path}: {e}"]
+    if seq_len > config.max_position_embeddings:  # prep's check_seq_len, before anything is written
+        return raw, [f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
+                     f"({config.max_position_embeddings}, {config_path}); lower data.seq_len"]
     return raw, []
 
 
@@ -110,50 +120,68 @@ def weight_problems(directory: Path) -> list[str]:
     return problems
 
 
-def tokenizer_problems(path: str, vocab_size: int | None, trust_remote_code: bool) -> list[str]:
-    """The tokenizer loads and fits the model's vocabulary (vocab_size None: the model is built to fit it)."""
+def inspect_tokenizer(path: str, vocab_size: int | None, trust_remote_code: bool) -> tuple[bool | None, list[str]]:
+    """Whether the tokenizer has a chat template (None: it did not load), and why prep cannot use it: it does not
+    load, has no EOS token or outgrows the model's vocabulary (vocab_size None: the model is built to fit it)."""
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-        return [f"tokenizer.path: {path} holds none of {', '.join(TOKENIZER_FILES)}; is it a tokenizer folder?"]
+        return None, [f"tokenizer.path: {path} holds none of {', '.join(TOKENIZER_FILES)}; is it a tokenizer folder?"]
     try:
-        if Path(path).is_file():  # a SentencePiece .model, as prep takes it
-            size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+        if Path(path).is_file():  # a SentencePiece .model, as prep takes it (LlamaTokenizer: EOS </s>, no template)
+            size, chat_template, has_eos = spm.SentencePieceProcessor(model_file=path).get_piece_size(), False, True
         else:
-            size = len(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            size, chat_template = len(tokenizer), bool(tokenizer.chat_template)
+            has_eos = tokenizer.eos_token_id is not None
     except (OSError, RuntimeError, ValueError) as e:
-        return [f"tokenizer.path: {path} could not be loaded ({e})"]
+        return None, [f"tokenizer.path: {path} could not be loaded ({e})"]
+    problems = []
+    if not has_eos:
+        problems.append(f"tokenizer.path: {path} has no EOS token; prep needs one to separate documents "
+                        f"(set eos_token in its tokenizer_config.json)")
     if vocab_size is not None and size > vocab_size:
-        return [f"tokenizer.path: {path} has {size} tokens, more than the model's vocab_size {vocab_size}; "
-                f"use the model's own tokenizer"]
-    return []
+        problems.append(f"tokenizer.path: {path} has {size} tokens, more than the model's vocab_size {vocab_size}; "
+                        f"use the model's own tokenizer")
+    return chat_template, problems
 
 
 # ---- corpus ----------------------------------------------------------------------------------------------
 
 
-def corpus_problems(sources) -> list[str]:
-    """The corpus files exist, are not all empty, and each starts the way its format needs."""
+def corpus_problems(data, chat_template: bool | None) -> list[str]:
+    """The corpus files exist, are not all empty, and each starts with records prep can use as data.format says
+    (chat_template: whether the tokenizer has one, None if unknown)."""
     try:
-        files = prep.data_files(sources)
+        files = corpus.data_files(data.sources)
     except (OSError, ValueError) as e:
         return [str(e)]
     problems = []
     for path in files:
         try:
-            read_head(path)
+            problem = corpus.head_problem(path, data, chat_template)
         except (OSError, ValueError) as e:
-            problems.append(f"data.sources: {path} is unreadable as {path.suffix} ({e})")
+            problem = f"data.sources: {path} is unreadable as {path.suffix} ({e})"
+        if problem is not None:
+            problems.append(problem)
+    if len(problems) > MAX_CORPUS_PROBLEMS:
+        rest = len(problems) - MAX_CORPUS_PROBLEMS
+        problems = problems[:MAX_CORPUS_PROBLEMS] + [f"data.sources: {rest} more file(s) like these"]
     return problems
 
 
-def read_head(path: Path) -> None:
-    """Read the start of a data file as its suffix says (parquet footer, first JSON line, UTF-8 text)."""
-    if path.suffix == ".parquet":
-        pq.read_metadata(path)
-        return
-    with path.open(encoding="utf-8") as file:
-        head = file.readline() if path.suffix == ".jsonl" else file.read(SNIFF_CHARS)
-    if path.suffix == ".jsonl" and head.strip():
-        json.loads(head)
+def hub_problem(name: str) -> str | None:
+    """With the hub offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE), a hub dataset must be a local folder or in the
+    datasets cache, as `datasets.load_dataset` looks for it offline; nothing is fetched."""
+    if not datasets.config.HF_HUB_OFFLINE or Path(name).is_dir():
+        return None
+    if name.count("/") <= 1:
+        try:  # the lookup load_dataset falls back to offline: a glob of the cache folder
+            datasets.load.CachedDatasetModuleFactory(name).get_module()
+            return None
+        except FileNotFoundError:
+            pass
+    return (f"data.hub_name: {name!r} is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+            f"and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); load it once with the hub reachable, "
+            f"unset those variables, or give local files in data.sources")
 
 
 # ---- hosts -----------------------------------------------------------------------------------------------

@@ -31,12 +31,12 @@ from pipeline.stages import eval as eval_stage
 from pipeline.stages import finalize, finetune, merge, prep, salience
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prep", prep.SECTIONS, (), prep.run),
-    Stage("finetune", finetune.SECTIONS, ("prep",), finetune.run, distributed=True),
-    Stage("salience", salience.SECTIONS, ("finetune",), salience.run, distributed=True),
-    Stage("finalize", finalize.SECTIONS, ("finetune", "salience"), finalize.run),
-    Stage("merge", merge.SECTIONS, ("prep", "finetune", "finalize"), merge.run),
-    Stage("eval", eval_stage.SECTIONS, ("prep", "merge"), eval_stage.run),
+    Stage("prep", prep.Config, (), prep.run),
+    Stage("finetune", finetune.Config, ("prep",), finetune.run, distributed=True),
+    Stage("salience", salience.Config, ("finetune",), salience.run, distributed=True),
+    Stage("finalize", finalize.Config, ("finetune", "salience"), finalize.run),
+    Stage("merge", merge.Config, ("prep", "finetune", "finalize"), merge.run),
+    Stage("eval", eval_stage.Config, ("prep", "merge"), eval_stage.run),
 )
 RESUME_KEY = ".fingerprint"
 """Inside a resumable stage's folder: the fingerprint its checkpoints belong to."""
@@ -111,7 +111,7 @@ def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dic
     if stage.distributed:
         write_rank_status(stage_dir, rank(), "running")
     try:
-        summary = stage.run(cfg.select(*stage.sections), run_dir)
+        summary = stage.run(cfg.select(stage.config), run_dir)
     except BaseException as e:
         failure = write_failure(e, stage_dir)
         if stage.distributed:

@@ -1,4 +1,4 @@
-"""The stage contract: manifests, fingerprints and atomic writes (DESIGN.md §1).
+"""The stage contract: manifests, fingerprints and atomic writes (docs/design.md §1).
 
 A stage is done iff its manifest exists and records the fingerprint the current config gives it.
 The manifest is written last, through a temp file and a rename, so a killed stage leaves none.
@@ -6,6 +6,7 @@ The manifest is written last, through a temp file and a rename, so a killed stag
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -42,13 +43,18 @@ class Stage:
     """One step of the pipeline: what it reads, what it consumes, how it runs."""
 
     name: str
-    sections: tuple[str, ...]
-    """Config sections the stage reads; they (and its inputs' fingerprints) make its fingerprint."""
+    config: type
+    """The stage's typed config view (`pipeline.config.FinetuneConfig`, ...): the sections it reads, which (with
+    its inputs' fingerprints) make its fingerprint."""
     inputs: tuple[str, ...]
     """Earlier stages whose outputs it reads."""
     run: Callable
-    """`run(cfg, run_dir) -> dict` of summary figures; `cfg` holds only `sections`."""
+    """`run(cfg, run_dir) -> dict` of summary figures; `cfg` is an instance of `config`."""
     distributed: bool = False
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.config))
 
 
 def fingerprint(sections: dict, input_fingerprints: dict[str, str]) -> str:

@@ -1,4 +1,4 @@
-"""Metric loggers: one small protocol; JSONL for the stages, MLflow for the pipeline run (DESIGN.md §7).
+"""Metric loggers: one small protocol; JSONL for the stages, MLflow for the pipeline run (docs/design.md §7).
 
 Workers never talk to MLflow: a stage's rank 0 appends to `<stage>/metrics.jsonl` (other ranks get a
 `NullLogger`) and the driver replays new rows into the pipeline's MLflow run, during the stage and at its end.

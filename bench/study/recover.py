@@ -22,8 +22,8 @@ from torch import nn
 from pipeline.apt.adapters import inject_adapters, merge_adapters, set_masks
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import slice_model
-from pipeline.stages.eval import perplexity as pipeline_perplexity
-from pipeline.stages.finetune import BatchOrder, optimizer_factory
+from pipeline.evaluation import perplexity as pipeline_perplexity
+from pipeline.training import BatchOrder, optimizer_factory
 
 EVAL_BATCH = 16
 

@@ -40,7 +40,7 @@ from bench.study.pretrain import PretrainSettings, pretrain
 from bench.study.recover import count_params, evaluate, recover
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.slicing import slice_model
-from pipeline.stages.finetune import BatchOrder
+from pipeline.training import BatchOrder
 
 SECTION = "## Quality: APT against baseline pruners"
 TARGETS = (0.7, 0.5, 0.3)

@@ -1,4 +1,4 @@
-"""Masked low-rank adapters for LLaMA-family decoders: injection, masks, rank growth, merge (DESIGN.md §2, §5).
+"""Masked low-rank adapters for LLaMA-family decoders: injection, masks, rank growth, merge (docs/design.md §2, §5).
 
 `inject_adapters` wraps every q/k/v/o/gate/up/down projection in an `APTLinear`, swaps every RMSNorm for a
 `MaskedRMSNorm` and the embedding for a `MaskedEmbedding`. The pruning masks live once, in `model.apt_masks`

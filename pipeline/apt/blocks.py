@@ -1,4 +1,4 @@
-"""Prunable blocks of a LLaMA-family decoder and exact parameter accounting (DESIGN.md §2)."""
+"""Prunable blocks of a LLaMA-family decoder and exact parameter accounting (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons):
 
 
 def remaining_params(shape: ModelShape, kept: KeptSizes) -> int:
-    """Parameters of the model physically pruned to `kept` (DESIGN.md §2's exact formula)."""
+    """Parameters of the model physically pruned to `kept` (docs/design.md §2's exact formula)."""
     for name in ("heads", "kv_heads", "neurons"):
         if len(getattr(kept, name)) != shape.num_layers:
             raise ValueError(f"kept.{name} has {len(getattr(kept, name))} entries, expected {shape.num_layers}")

@@ -1,4 +1,4 @@
-"""Compaction: cut dead blocks (mask 0 and target 0) out of the training model while it trains (DESIGN.md §6).
+"""Compaction: cut dead blocks (mask 0 and target 0) out of the training model while it trains (docs/design.md §6).
 
 The compacted model stays rectangular (the same counts in every layer, the same query heads per KV group,
 hidden % heads == 0), so it is an ordinary smaller LLaMA: a legal config and a plain `ModelShape`, and every later

@@ -1,4 +1,4 @@
-"""Self-distillation without a second model (DESIGN.md §5).
+"""Self-distillation without a second model (docs/design.md §5).
 
 The teacher is the student's own frozen backbone with a frozen copy of the adapters taken before pruning, run with
 every mask at one. `teacher_mode` switches the model into that teacher for one forward and back; only small adapter

@@ -1,4 +1,4 @@
-"""The canonical mask container and gradual masks (DESIGN.md §4)."""
+"""The canonical mask container and gradual masks (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Outlier-aware salience from running sums, mergeable across batches and ranks (DESIGN.md §3).
+"""Outlier-aware salience from running sums, mergeable across batches and ranks (docs/design.md §3).
 
 Per channel c of a block's activation H (taken before its mask, with ∂L/∂H of that same tensor):
 `S_c = Σ|∂L/∂H_c| · Σ|H_c| + sqrt(Kurt(H_c))`, Kurt = m4 / m2² (Pearson) of H itself — the seeds' form, not the

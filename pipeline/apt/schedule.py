@@ -1,4 +1,4 @@
-"""Cubic schedule of the remaining parameter fraction over the pruning window (DESIGN.md §4)."""
+"""Cubic schedule of the remaining parameter fraction over the pruning window (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budget search: keep the densest blocks whose exact parameter count fits ρ·total (DESIGN.md §4).
+"""Budget search: keep the densest blocks whose exact parameter count fits ρ·total (docs/design.md §4).
 
 Units of every block type are merged into one list sorted by salience density (mandatory units first).
 Each prefix of that list is projected to loadable kept sizes (rounding, GQA, LlamaConfig rules), and the
@@ -153,7 +153,7 @@ def _attention_unit(shape: ModelShape, attention_mode: str) -> tuple[int, int]:
 
 
 def _densities(shape: ModelShape, scores: dict[str, torch.Tensor], attention_mode: str) -> _Densities:
-    """Divide each unit's salience by the parameters it owns at full size (DESIGN.md §2's table)."""
+    """Divide each unit's salience by the parameters it owns at full size (docs/design.md §2's table)."""
     query_heads = scores["head"].reshape(shape.num_layers, shape.num_kv_heads, shape.group_size)
     if attention_mode == "kv_group":
         attention = query_heads.sum(dim=2)

@@ -1,4 +1,4 @@
-"""Physical removal of masked query heads, KV heads, neurons and hidden channels (DESIGN.md §2, §6).
+"""Physical removal of masked query heads, KV heads, neurons and hidden channels (docs/design.md §2, §6).
 
 `slice_model` works in place on a plain HF Llama/Mistral/Qwen2 causal LM, and on an APT-wrapped one (compaction)
 as long as every layer keeps the same counts, since the model's masks must stay rectangular [L, ·]; for

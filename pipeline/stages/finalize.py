@@ -21,27 +21,27 @@ from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_
 from pipeline.apt.compaction import physical_fraction
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
-from pipeline.model_io import base_model_dir, tuned_base_dir
+from pipeline.config import FinalizeConfig
+from pipeline.layout import RunLayout, finetune_masks, salience_scores
 from pipeline.stage import save_tensors, write_atomic
-from pipeline.stages.salience import final_masks, read_scores
 
-SECTIONS = ("model", "pruning")
+Config = FinalizeConfig
 PRUNED_SCORE = -1e30
 """Score given to blocks the fine-tune pruned: finite (no inf arithmetic), below any real salience."""
 
 log = dist.get_logger("apt.finalize")
 
 
-def run(cfg, run_dir: Path) -> dict:
-    pruning = cfg.pruning
+def run(cfg: FinalizeConfig, run_dir: Path) -> dict:
+    pruning, layout = cfg.pruning, RunLayout(run_dir, cfg.model)
     # After a compaction the masks describe the compacted base; the budget is still the original model's.
     original, shape = (ModelShape.from_config(AutoConfig.from_pretrained(
         str(directory), trust_remote_code=cfg.model.trust_remote_code))
-        for directory in (base_model_dir(cfg.model, run_dir), tuned_base_dir(cfg.model, run_dir)))
+        for directory in (layout.base_model, layout.tuned_base))
     budget = physical_fraction(pruning.target_remaining, original, shape)
-    trained = final_masks(run_dir / "finetune")
+    trained = finetune_masks(layout)
     trained.check_gqa(shape, pruning.attention_mode)
-    scores = read_scores(run_dir / "salience")
+    scores = salience_scores(layout)
     ranked = {
         "head": scores["head"].masked_fill(trained.head_mask == 0, PRUNED_SCORE),
         "neuron": scores["neuron"].masked_fill(trained.neuron_mask == 0, PRUNED_SCORE),
@@ -73,10 +73,9 @@ def run(cfg, run_dir: Path) -> dict:
         "changed_from_finetune": not all(torch.equal(a, b) for a, b in
                                          zip(masks.to_dict().values(), trained.to_dict().values(), strict=True)),
     }
-    stage_dir = run_dir / "finalize"
-    save_tensors(masks.to_dict(), stage_dir / "masks.safetensors")
-    write_atomic(stage_dir / "masks.json", json.dumps(report, indent=2))
-    plot_masks(shape, masks, stage_dir / "masks.png")
+    save_tensors(masks.to_dict(), layout.final_masks)
+    write_atomic(layout.finalize / "masks.json", json.dumps(report, indent=2))
+    plot_masks(shape, masks, layout.finalize / "masks.png")
     log.info("finalize: %d of %d parameters kept (%.3f, target %.3f)", remaining, total, remaining / total,
              pruning.target_remaining)
     return {k: report[k] for k in ("remaining_params", "total_params", "remaining_fraction", "kept_hidden")}

@@ -1,158 +1,39 @@
 """merge: fold the adapters into the base weights, cut the pruned blocks out, write a plain HF checkpoint.
 
-Base weights stream from the original safetensors checkpoint (memory-mapped) one layer at a time and
-each layer is written as its own shard, so the stage holds about one layer in memory whatever the
-model size. The result in `merge/model/` loads with `AutoModelForCausalLM.from_pretrained`.
+The export streams the base one layer at a time (`pipeline.export`), so the stage holds about one layer in memory
+whatever the model size. The result in `merge/model/` loads with `AutoModelForCausalLM.from_pretrained`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from pipeline import dist
-from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
-from pipeline.apt.slicing import kept_indices, layer_slices, plan_layer
-from pipeline.hetero import AptLlamaConfig
-from pipeline.model_io import tuned_base_dir
-from pipeline.stage import write_atomic
+from pipeline.config import MergeConfig
+from pipeline.export import DTYPES, export_pruned
+from pipeline.layout import RunLayout
 
-SECTIONS = ("model", "apt", "pruning", "export")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Config = MergeConfig
 
 log = dist.get_logger("apt.merge")
 
 
-def run(cfg, run_dir: Path) -> dict:
-    masks = MaskSet.from_dict(load_file(str(run_dir / "finalize" / "masks.safetensors")))
-    out_dir = run_dir / "merge" / "model"
+def run(cfg: MergeConfig, run_dir: Path) -> dict:
+    layout = RunLayout(run_dir, cfg.model)
+    masks = MaskSet.from_dict(load_file(str(layout.final_masks)))
     summary = export_pruned(
-        base_dir=tuned_base_dir(cfg.model, run_dir),
-        adapters_path=run_dir / "finetune" / "adapters.safetensors",
+        base_dir=layout.tuned_base,
+        adapters_path=layout.adapters,
         masks=masks,
         scaling=cfg.apt.alpha / cfg.apt.rank,
         dtype=DTYPES[cfg.export.dtype],
-        out_dir=out_dir,
+        out_dir=layout.export,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer")).save_pretrained(str(out_dir))
-    log.info("merge: wrote %s (%d parameters, %s)", out_dir, summary["params"], cfg.export.dtype)
+    AutoTokenizer.from_pretrained(str(layout.tokenizer)).save_pretrained(str(layout.export))
+    log.info("merge: wrote %s (%d parameters, %s)", layout.export, summary["params"], cfg.export.dtype)
     return summary
-
-
-class BaseWeights:
-    """Reads single tensors from a (possibly sharded) safetensors checkpoint without loading the rest."""
-
-    def __init__(self, directory: Path):
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
-        elif (directory / "model.safetensors").is_file():
-            self.files = dict.fromkeys(_tensor_names(directory / "model.safetensors"), directory / "model.safetensors")
-        else:
-            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json; "
-                                    f"the base checkpoint must be in safetensors format")
-        for path in sorted(set(self.files.values())):  # open every shard once now: fail before writing anything
-            _tensor_names(path)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise KeyError(f"{name} is not in the base checkpoint")
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-
-def _tensor_names(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the "
-                         f"checkpoint") from e
-
-
-@torch.no_grad()
-def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet, scaling: float, dtype: torch.dtype,
-                  out_dir: Path, trust_remote_code: bool = False) -> dict:
-    """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
-
-    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type.
-    Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
-    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-    shape = ModelShape.from_config(config)
-    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
-    per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
-    if per_layer and config.model_type != "llama":
-        raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
-                         f"use pruning.layout=uniform")
-    hidden = kept_indices(masks.hidden_mask, "hidden_mask")
-    if adapters_path is not None and not adapters_path.is_file():
-        raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
-    adapters = load_file(str(adapters_path)) if adapters_path is not None else {}
-    base = BaseWeights(base_dir)
-
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shard_count = shape.num_layers + 1
-    weight_map, params = {}, 0
-
-    def write_shard(index: int, tensors: dict[str, torch.Tensor]) -> None:
-        nonlocal params
-        name = f"model-{index + 1:05d}-of-{shard_count:05d}.safetensors"
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        params += sum(v.numel() for v in tensors.values())
-
-    for index, plan in enumerate(plans):
-        tensors = {}
-        for path, (rows, columns) in layer_slices(plan, hidden, shape.head_dim).items():
-            prefix = f"model.layers.{index}.{path}"
-            weight = base.get(f"{prefix}.weight").float()
-            if f"{prefix}.lora_A" in adapters:
-                weight = weight + scaling * adapters[f"{prefix}.lora_B"].float() @ adapters[f"{prefix}.lora_A"].float()
-            weight = weight.index_select(0, rows)
-            tensors[f"{prefix}.weight"] = weight if columns is None else weight.index_select(1, columns)
-            if f"{prefix}.bias" in base:
-                tensors[f"{prefix}.bias"] = base.get(f"{prefix}.bias").index_select(0, rows)
-        write_shard(index, tensors)
-
-    outer = {"model.embed_tokens.weight": base.get("model.embed_tokens.weight").index_select(1, hidden),
-             "model.norm.weight": base.get("model.norm.weight").index_select(0, hidden)}
-    if not config.tie_word_embeddings:
-        outer["lm_head.weight"] = base.get("lm_head.weight").index_select(1, hidden)
-    write_shard(shape.num_layers, outer)
-
-    write_atomic(tmp / "model.safetensors.index.json",
-                 json.dumps({"metadata": {"total_parameters": params}, "weight_map": weight_map}, indent=2))
-    sizes = plans[0].sizes()
-    config.hidden_size = hidden.numel()
-    config.head_dim = shape.head_dim  # explicit: it no longer equals hidden_size // num_attention_heads
-    config.num_attention_heads = sizes["num_attention_heads"]
-    config.num_key_value_heads = sizes["num_key_value_heads"]
-    config.intermediate_size = sizes["intermediate_size"]
-    config.dtype = dtype
-    if per_layer:  # layer 0's sizes are the global ones; the other layers list what differs
-        config = heterogeneous_config(config, per_layer)
-    config.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return {"params": params, "hidden_size": hidden.numel(), **sizes, "per_layer": bool(per_layer)}
-
-
-def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]) -> AptLlamaConfig:
-    """The pruned LlamaConfig in transformers' per-layer format, as the registered `apt_llama` type."""
-    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures",
-                                                                    "transformers_version")}
-    return AptLlamaConfig(**values, per_layer_config=per_layer, architectures=["AptLlamaForCausalLM"])

@@ -15,18 +15,20 @@ import datasets
 import sentencepiece as spm
 from transformers import AutoConfig, AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
+from pipeline.config import PrepConfig
+from pipeline.corpus import DATA_SUFFIXES, data_files, instruction_problem, text_field_problem
 from pipeline.dist import get_logger
+from pipeline.layout import RunLayout
 
-SECTIONS = ("data", "tokenizer", "model", "run")
-DATA_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+Config = PrepConfig
 IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 log = get_logger("apt.prep")
 
 
-def run(cfg, run_dir: Path) -> dict:
-    stage_dir = run_dir / "prep"
+def run(cfg: PrepConfig, run_dir: Path) -> dict:
+    layout = RunLayout(run_dir)
     data, model = cfg.data, cfg.model
     files = data_files(data.sources) if data.hub_name is None else []
     check_seq_len(data.seq_len, model)
@@ -36,7 +38,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise ValueError(f"data: the corpus {data.hub_name or list(data.sources)} has no records")
     log.info("corpus: %d documents from %s", len(raw), data.hub_name or ", ".join(map(str, files)))
 
-    tokenizer = get_tokenizer(cfg.tokenizer, raw, data, stage_dir / "tokenizer", model.trust_remote_code)
+    tokenizer = get_tokenizer(cfg.tokenizer, raw, data, layout.tokenizer, model.trust_remote_code)
     check_vocab(tokenizer, model)
 
     split = raw.train_test_split(test_size=data.validation_fraction, seed=cfg.run.seed)
@@ -51,11 +53,11 @@ def run(cfg, run_dir: Path) -> dict:
                              f"lower data.seq_len or add text")
     dataset = datasets.DatasetDict(splits)
 
-    tmp = stage_dir / ".dataset.tmp"
+    tmp = layout.dataset.with_name(".dataset.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
-    shutil.rmtree(stage_dir / "dataset", ignore_errors=True)
-    os.replace(tmp, stage_dir / "dataset")
+    shutil.rmtree(layout.dataset, ignore_errors=True)
+    os.replace(tmp, layout.dataset)
 
     summary = {"documents": len(raw), "vocab_size": len(tokenizer), "seq_len": data.seq_len}
     for name, part in splits.items():
@@ -64,27 +66,6 @@ def run(cfg, run_dir: Path) -> dict:
     log.info("prep: %d documents -> %d train / %d validation blocks of %d tokens (%d train tokens)",
              len(raw), summary["train_blocks"], summary["validation_blocks"], data.seq_len, summary["train_tokens"])
     return summary
-
-
-def data_files(sources) -> list[Path]:
-    """Expand files and folders into the data files they hold, refusing what prep cannot read."""
-    files = []
-    for source in map(Path, sources):
-        if not source.exists():
-            raise FileNotFoundError(f"data.sources: {source} does not exist")
-        found = sorted(p for p in source.rglob("*") if p.suffix in DATA_SUFFIXES) if source.is_dir() else [source]
-        if not found:
-            raise ValueError(f"data.sources: {source} holds no {'/'.join(DATA_SUFFIXES)} files")
-        for path in found:
-            if path.suffix not in DATA_SUFFIXES:
-                raise ValueError(f"data.sources: {path} is not one of {', '.join(DATA_SUFFIXES)}")
-        files += found
-    if all(p.stat().st_size == 0 for p in files):
-        raise ValueError(f"data.sources: {[str(p) for p in files]} are empty; the corpus has no text")
-    kinds = {DATA_SUFFIXES[p.suffix] for p in files}
-    if len(kinds) > 1:
-        raise ValueError(f"data.sources: mixes {sorted(kinds)} files; give one kind per run")
-    return files
 
 
 def check_seq_len(seq_len: int, model) -> None:
@@ -121,8 +102,8 @@ def load_corpus(data, files: list[Path]) -> datasets.Dataset:
         except Exception as e:
             raise ValueError(f"data.sources: could not read {[str(f) for f in files]} as {kind}: {e}") from e
     if data.format == "text":
-        if data.text_field not in corpus.column_names:
-            raise ValueError(f"data.text_field: {data.text_field!r} not in the corpus columns {corpus.column_names}")
+        if (problem := text_field_problem(corpus.column_names, data.text_field)) is not None:
+            raise ValueError(problem)
         corpus = corpus.select_columns([data.text_field]).filter(lambda r: bool(r[data.text_field].strip()))
     return corpus
 
@@ -213,17 +194,12 @@ def encode_instruction(batch: dict, tokenizer: PreTrainedTokenizerBase, data) ->
 
 def render_instruction(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, bool]:
     """(prompt, answer, templated) of an Alpaca or a chat `messages` record; a chat template adds its own BOS."""
+    if (problem := instruction_problem(record, bool(tokenizer.chat_template))) is not None:
+        raise ValueError(problem)  # the start-up checks refuse it in the first records of each file
     if record.get("messages"):
         messages = record["messages"]
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"data: a chat record must end with an assistant message, got {messages[-1]['role']!r}")
-        if not tokenizer.chat_template:
-            raise ValueError("data: chat `messages` records need a tokenizer with a chat template "
-                             "(set tokenizer.path to one) or Alpaca instruction/input/output records")
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         return prompt, messages[-1]["content"], True
-    if "instruction" not in record or "output" not in record:
-        raise ValueError(f"data: instruction records need instruction/output fields or messages; got {sorted(record)}")
     extra = record.get("input") or ""
     input_block = f"### Input:\n{extra}\n\n" if extra else ""
     return ALPACA_PROMPT.format(instruction=record["instruction"], input_block=input_block), record["output"], False

@@ -11,41 +11,41 @@ from pathlib import Path
 
 import datasets
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from pipeline import dist
 from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
-from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
+from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
-from pipeline.model_io import load_adapters, load_base_model, tuned_base_dir
+from pipeline.layout import RunLayout, finetune_masks
+from pipeline.model_io import load_adapters, load_base_model
 from pipeline.stage import save_tensors
-from pipeline.stages.finetune import BatchOrder, build_engine, loss_scale
+from pipeline.training import BatchOrder, build_engine, loss_scale
 
-SECTIONS = ("run", "model", "apt", "train", "deepspeed", "salience")
+Config = SalienceConfig
 CALIBRATION_SEED_OFFSET = 1_000_003
 """Calibration reads batches in another order than fine-tuning did."""
 
 log = dist.get_logger("apt.salience")
 
 
-def run(cfg, run_dir: Path) -> dict:
+def run(cfg: SalienceConfig, run_dir: Path) -> dict:
     dist.init_distributed(cfg.deepspeed.timeout_minutes)
     world_size, rank = dist.world_size(), dist.rank()
-    finetune_dir = run_dir / "finetune"
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "prep" / "tokenizer"))
-    train_split = datasets.load_from_disk(str(run_dir / "prep" / "dataset" / "train")).with_format("torch")
+    layout = RunLayout(run_dir, cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
+    train_split = datasets.load_from_disk(str(layout.dataset / "train")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, cfg.train, world_size)
 
     model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed,
-                            directory=tuned_base_dir(cfg.model, run_dir))
+                            directory=layout.tuned_base)
     shape = ModelShape.from_config(model.config)
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha)
-    load_adapters(model, finetune_dir / "adapters.safetensors")
-    set_masks(model, final_masks(finetune_dir))
+    load_adapters(model, layout.adapters)
+    set_masks(model, finetune_masks(layout))
     accumulator = SalienceAccumulator(shape)
     accumulator.attach(model)
     engine = build_engine(model, ds_config, cfg.train)  # backward only: the optimizer never steps
@@ -70,21 +70,7 @@ def run(cfg, run_dir: Path) -> dict:
         tensors = {f"sums.{key}": value for key, value in accumulator.state_dict().items()}
         tensors |= {"scores.head": scores.head, "scores.neuron": scores.neuron, "scores.hidden": scores.hidden,
                     "tokens": flat[-1:]}
-        save_tensors(tensors, run_dir / "salience" / "salience.safetensors")
+        save_tensors(tensors, layout.salience)
     engine.destroy()
     return {"batches": cfg.salience.batches, "tokens": int(flat[-1].item()), "world_size": world_size}
 
-
-def final_masks(finetune_dir: Path) -> MaskSet:
-    """The binary masks the fine-tune ended with."""
-    path = finetune_dir / "apt_state.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the finetune stage first")
-    state = load_file(str(path))
-    return MaskSet.from_dict({k.removeprefix("masks."): v for k, v in state.items() if k.startswith("masks.")})
-
-
-def read_scores(salience_dir: Path) -> dict[str, torch.Tensor]:
-    """The calibration salience per unit: head [L, n_q], neuron [L, f], hidden [d]."""
-    state = load_file(str(salience_dir / "salience.safetensors"))
-    return {k.removeprefix("scores."): v for k, v in state.items() if k.startswith("scores.")}

@@ -27,14 +27,14 @@ def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
 
 
 def finetune_rank(rank, world_size, cfg, count_collectives):
-    from pipeline.stages import finetune
+    from pipeline import updates
 
     if count_collectives:
-        count_collectives_per_update(finetune, cfg.run_dir / f"collectives{rank}.json")
+        count_collectives_per_update(updates, cfg.run_dir / f"collectives{rank}.json")
     driver.execute_stage(driver.stage_by_name("finetune"), cfg, cfg.run_dir)
 
 
-def count_collectives_per_update(finetune, out_path):
+def count_collectives_per_update(updates, out_path):
     """Wrap torch.distributed's collectives and record how many each salience update issues."""
     calls = {"inside": 0}
     per_update = []
@@ -46,7 +46,7 @@ def count_collectives_per_update(finetune, out_path):
             return _original(*args, **kwargs)
 
         setattr(torch.distributed, name, counted)
-    update = finetune.salience_update
+    update = updates.salience_update
 
     def counted_update(*args, **kwargs):
         calls["inside"] = 0
@@ -55,7 +55,7 @@ def count_collectives_per_update(finetune, out_path):
         out_path.write_text(json.dumps(per_update))
         return result
 
-    finetune.salience_update = counted_update
+    updates.salience_update = counted_update
 
 
 def losses(run_dir):

@@ -26,9 +26,9 @@ def make_config(tmp_path, prep_dir, *overrides) -> config_lib.RunConfig:
 
 def finetune_with_poison(rank, world_size, cfg, poisoned_rank, poisoned_forwards):
     """Run finetune; on `poisoned_rank`, the training forwards numbered in `poisoned_forwards` produce NaN."""
-    from pipeline.stages import finetune
+    from pipeline import recipe
 
-    load_base_model = finetune.load_base_model
+    load_base_model = recipe.load_base_model
     forwards = {"count": 0}
 
     def poison(module, args, output):
@@ -43,7 +43,7 @@ def finetune_with_poison(rank, world_size, cfg, poisoned_rank, poisoned_forwards
             model.model.layers[0].mlp.register_forward_hook(poison)
         return model
 
-    finetune.load_base_model = load_and_poison
+    recipe.load_base_model = load_and_poison
     driver.execute_stage(driver.stage_by_name("finetune"), cfg, cfg.run_dir)
 
 

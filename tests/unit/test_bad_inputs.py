@@ -15,13 +15,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaTokenizer
 
-from pipeline import cli, preflight
+from pipeline import cli, corpus, preflight
 from pipeline import config as config_lib
 from pipeline import run as driver
 from pipeline.checkpoints import CheckpointError, check_checkpoint
@@ -190,6 +193,127 @@ def test_unreadable_corpus(apt_pipeline, run_root, tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     code, err = apt_pipeline(f"data.sources=[{tmp_path / name}]")
     assert code == 2 and f"data.sources: {tmp_path / name} is unreadable" in err
+    assert not run_root.exists()
+
+
+REFUSED = "apt-pipeline: invalid inputs (nothing was run or written)"
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def write_source(directory: Path, name: str, records: list[dict]) -> Path:
+    """Records as a .jsonl or .parquet file, or their `text` values as a .txt."""
+    path = directory / name
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix == ".txt":
+        path.write_text("\n\n".join(r["text"] for r in records))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("name, records, overrides, message", [
+    pytest.param("nottext.jsonl", [{"nottext": 1}], (), "data.text_field: 'text' not in the columns of {path}:1 "
+                 "['nottext']; set data.text_field", id="jsonl-without-text-field"),
+    pytest.param("body.parquet", [{"body": "words"}], (), "data.text_field: 'text' not in the columns of {path} "
+                 "['body']", id="parquet-without-the-column"),
+    pytest.param("book.txt", [{"text": "words"}], ("data.text_field=body",), "data.text_field: 'body' not in the "
+                 "columns of {path}:1 ['text']", id="txt-with-another-text-field"),
+    pytest.param("chat.jsonl", [{"messages": CHAT}] * 3, ("data.format=instruction",),
+                 "data.sources: {path}:1: chat `messages` records need a tokenizer with a chat template (set "
+                 "tokenizer.path", id="chat-without-a-chat-template"),
+    pytest.param("chat.parquet", [{"messages": CHAT}] * 3, ("data.format=instruction",),
+                 "data.sources: {path}: chat `messages` records need a tokenizer with a chat template",
+                 id="chat-parquet-without-a-chat-template"),
+    pytest.param("chat.jsonl", [{"messages": CHAT[:1]}], ("data.format=instruction",),
+                 "data.sources: {path}:1: a chat record must end with an assistant message, got 'user'",
+                 id="chat-ending-with-the-user"),
+    pytest.param("alpaca.jsonl", [{"instruction": "Add 1 and 1.", "output": "2"}, {"instruction": "Add 2 and 2."}],
+                 ("data.format=instruction",), "data.sources: {path}:2: instruction records need "
+                 "instruction/output fields or messages; got ['instruction']", id="alpaca-without-output"),
+    pytest.param("alpaca.parquet", [{"instruction": "Add 1 and 1.", "response": "2"}], ("data.format=instruction",),
+                 "data.sources: {path}: instruction records need instruction/output fields or messages; got "
+                 "['instruction', 'response']", id="alpaca-parquet-without-output"),
+    pytest.param("book.txt", [{"text": "words"}], ("data.format=instruction",), "data.sources: {path}:1: "
+                 "instruction records need instruction/output fields or messages; got ['text']",
+                 id="instruction-format-on-plain-text"),
+])
+def test_corpus_records_prep_cannot_use(apt_pipeline, run_root, tmp_path, name, records, overrides, message):
+    path = write_source(tmp_path, name, records)
+    code, err = apt_pipeline(f"data.sources=[{path}]", *overrides)
+    assert code == 2 and REFUSED in err and message.format(path=path) in err
+    assert not run_root.exists()
+
+
+def test_stage_prep_refuses_a_corpus_without_the_text_field(apt_pipeline, run_root, write_jsonl):
+    path = write_jsonl("nottext.jsonl", [{"nottext": 1}])
+    code, err = apt_pipeline(f"data.sources=[{path}]", command=("stage", "prep"))
+    assert code == 2 and "data.text_field: 'text' not in the columns of" in err
+    assert not run_root.exists()
+
+
+def test_only_the_first_records_are_read(tiny_config, write_jsonl):
+    good = [{"text": f"document {i}"} for i in range(corpus.HEAD_RECORDS)]
+    path = write_jsonl("big.jsonl", good + [{"nottext": 1}])
+    with path.open("a") as file:
+        file.write("not JSON: never read at start-up\n")
+    preflight.check(tiny_config(f"data.sources=[{path}]"))
+
+
+def test_chat_records_with_a_chat_template_pass(tiny_config, tmp_path, write_jsonl, hf_tokenizer_dir):
+    tokenizer = LlamaTokenizer.from_pretrained(str(hf_tokenizer_dir))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(str(tmp_path / "chat_tokenizer"))
+    path = write_jsonl("chat.jsonl", [{"messages": CHAT}] * 3)
+    preflight.check(tiny_config(f"data.sources=[{path}]", "data.format=instruction",
+                                f"tokenizer.path={tmp_path / 'chat_tokenizer'}"))
+
+
+def test_a_json_array_is_not_parsed_at_start_up(tiny_config, tmp_path):
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=1))
+    preflight.check(tiny_config(f"data.sources=[{tmp_path / 'docs.json'}]"))
+
+
+def test_many_bad_files_are_counted_not_listed(apt_pipeline, run_root, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(preflight.MAX_CORPUS_PROBLEMS + 3):
+        write_source(folder, f"{i:02}.jsonl", [{"nottext": 1}])
+    code, err = apt_pipeline(f"data.sources=[{folder}]")
+    assert code == 2 and err.count("data.text_field:") == preflight.MAX_CORPUS_PROBLEMS
+    assert "data.sources: 3 more file(s) like these" in err
+    assert not run_root.exists()
+
+
+def test_hub_dataset_not_cached_while_offline(apt_pipeline, run_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    code, err = apt_pipeline("data.hub_name=someone/corpus")
+    assert code == 2 and REFUSED in err
+    assert "data.hub_name: 'someone/corpus' is not in the local datasets cache" in err and "HF_HUB_OFFLINE" in err
+    assert not run_root.exists()
+
+
+def test_hub_dataset_in_the_cache_passes_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    (tmp_path / "hf_cache" / "someone___corpus" / "default" / "0.0.0" / "0123abcd").mkdir(parents=True)
+    assert preflight.hub_problem("someone/corpus") is None
+    assert preflight.hub_problem(str(tmp_path)) is None  # a local folder needs no hub
+
+
+def test_seq_len_above_the_checkpoint_positions(apt_pipeline, run_root, tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")  # max_position_embeddings 256
+    code, err = apt_pipeline(f"model.path={model_dir}", "data.seq_len=300")
+    assert code == 2 and "data.seq_len: 300 exceeds the model's max_position_embeddings (256" in err
+    assert not run_root.exists()
+
+
+def test_tokenizer_without_an_eos_token(apt_pipeline, run_root, tmp_path, hf_tokenizer_dir):
+    config_path = hf_tokenizer_dir / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "eos_token": None}))
+    code, err = apt_pipeline(f"tokenizer.path={hf_tokenizer_dir}")
+    assert code == 2 and f"tokenizer.path: {hf_tokenizer_dir} has no EOS token" in err
     assert not run_root.exists()
 
 
@@ -363,7 +487,7 @@ def test_trust_remote_code_is_off_unless_the_config_sets_it(tmp_path):
         {"tokenizer_class": "RemoteTokenizer", "auto_map": {"AutoTokenizer": ["remote.RemoteTokenizer", None]}}))
     (tokenizer_dir / "vocab.json").write_text("{}")
     (tokenizer_dir / "remote.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    problems = preflight.tokenizer_problems(str(tokenizer_dir), None, trust_remote_code=False)
+    _, problems = preflight.inspect_tokenizer(str(tokenizer_dir), None, trust_remote_code=False)
     assert len(problems) == 1 and "trust_remote_code" in problems[0]
     assert not marker.exists()
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
 from pipeline.apt.search import search_masks
-from pipeline.stages.merge import export_pruned
+from pipeline.export import export_pruned
 
 LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
     import json, sys

@@ -6,11 +6,25 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from pipeline import run as driver
+from pipeline.config import DataSection, TrainSection
 from pipeline.stage import Stage, WriteFailed, fingerprint, is_done, write_atomic, write_failure
+
+
+@dataclass(frozen=True)
+class DataView:
+    """A fake stage's config view: the data section only."""
+
+    data: DataSection
+
+
+@dataclass(frozen=True)
+class TrainView:
+    train: TrainSection
 
 
 def test_fingerprint_depends_on_config_and_inputs():
@@ -33,13 +47,14 @@ def test_killed_stage_leaves_no_manifest(tmp_path):
     script = textwrap.dedent(f"""
         import time, pathlib
         from pipeline import config, run
+        from pipeline.config import PrepConfig
         from pipeline.stage import Stage
         def slow(cfg, run_dir):
             (run_dir / "slow" / "part.bin").write_bytes(b"x" * 1000)
             print("writing", flush=True)
             time.sleep(60)
         cfg = config.load(None, ["run.root={tmp_path}"])
-        run.run_stage(Stage("slow", ("data",), (), slow), cfg, cfg.run_dir)
+        run.run_stage(Stage("slow", PrepConfig, (), slow), cfg, cfg.run_dir)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
@@ -63,7 +78,7 @@ def counting_stages(monkeypatch):
             return {"n": len(calls)}
         return run
 
-    stages = (Stage("a", ("data",), (), make("a")), Stage("b", ("train",), ("a",), make("b")))
+    stages = (Stage("a", DataView, (), make("a")), Stage("b", TrainView, ("a",), make("b")))
     monkeypatch.setattr(driver, "STAGES", stages)
     return calls
 

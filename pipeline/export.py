@@ -1,0 +1,168 @@
+"""Export: fold the adapters into the base weights, cut the pruned blocks out, write a sharded HF checkpoint.
+
+Base weights stream from the base's safetensors (memory-mapped) one layer at a time and each layer is written as its
+own shard, so an export holds about one layer in memory whatever the model size. The merge stage writes the final
+model with it; finetune writes each compacted base with it (no adapters, the base alone sliced).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from pipeline.apt.blocks import ModelShape
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.slicing import LayerKeep, kept_indices, layer_slices, plan_layer
+from pipeline.hetero import AptLlamaConfig
+from pipeline.stage import write_atomic
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`export.dtype` names -> torch dtypes."""
+
+
+class BaseWeights:
+    """Reads single tensors from a (possibly sharded) safetensors checkpoint without loading the rest."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            self.files = dict.fromkeys(_tensor_names(directory / "model.safetensors"), directory / "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json; "
+                                    f"the base checkpoint must be in safetensors format")
+        for path in sorted(set(self.files.values())):  # open every shard once now: fail before writing anything
+            _tensor_names(path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{name} is not in the base checkpoint")
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the "
+                         f"checkpoint") from e
+
+
+class ShardWriter:
+    """Writes one safetensors shard per call into a folder and keeps the index's weight map and parameter count."""
+
+    def __init__(self, folder: Path, shard_count: int, dtype: torch.dtype):
+        self.folder, self.shard_count, self.dtype = folder, shard_count, dtype
+        self.weight_map: dict[str, str] = {}
+        self.params = 0
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{index + 1:05d}-of-{self.shard_count:05d}.safetensors"
+        save_file({k: v.to(self.dtype).contiguous() for k, v in tensors.items()}, str(self.folder / name),
+                  metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.params += sum(v.numel() for v in tensors.values())
+
+    def write_index(self) -> None:
+        index = {"metadata": {"total_parameters": self.params}, "weight_map": self.weight_map}
+        write_atomic(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+
+
+@torch.no_grad()
+def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet, scaling: float, dtype: torch.dtype,
+                  out_dir: Path, trust_remote_code: bool = False) -> dict:
+    """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
+
+    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type.
+    Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+    shape = ModelShape.from_config(config)
+    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
+    per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
+    if per_layer and config.model_type != "llama":
+        raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
+                         f"use pruning.layout=uniform")
+    hidden = kept_indices(masks.hidden_mask, "hidden_mask")
+    if adapters_path is not None and not adapters_path.is_file():
+        raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
+    adapters = load_file(str(adapters_path)) if adapters_path is not None else {}
+    base = BaseWeights(base_dir)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = ShardWriter(tmp, shape.num_layers + 1, dtype)
+    for index, plan in enumerate(plans):
+        shards.write(index, merged_layer(base, adapters, scaling, index, plan, hidden, shape.head_dim))
+    shards.write(shape.num_layers, outer_weights(base, hidden, config.tie_word_embeddings))
+    shards.write_index()
+    pruned_config(config, plans[0], per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return {"params": shards.params, "hidden_size": hidden.numel(), **plans[0].sizes(), "per_layer": bool(per_layer)}
+
+
+def merged_layer(base: BaseWeights, adapters: dict, scaling: float, index: int, plan: LayerKeep,
+                 hidden: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
+    """One decoder layer's weights with its adapters folded in, sliced to the kept heads, neurons and channels."""
+    tensors = {}
+    for path, (rows, columns) in layer_slices(plan, hidden, head_dim).items():
+        prefix = f"model.layers.{index}.{path}"
+        weight = base.get(f"{prefix}.weight").float()
+        if f"{prefix}.lora_A" in adapters:
+            weight = weight + scaling * adapters[f"{prefix}.lora_B"].float() @ adapters[f"{prefix}.lora_A"].float()
+        weight = weight.index_select(0, rows)
+        tensors[f"{prefix}.weight"] = weight if columns is None else weight.index_select(1, columns)
+        if f"{prefix}.bias" in base:
+            tensors[f"{prefix}.bias"] = base.get(f"{prefix}.bias").index_select(0, rows)
+    return tensors
+
+
+def outer_weights(base: BaseWeights, hidden: torch.Tensor, tied: bool) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and (untied) LM head, sliced to the kept hidden channels."""
+    outer = {"model.embed_tokens.weight": base.get("model.embed_tokens.weight").index_select(1, hidden),
+             "model.norm.weight": base.get("model.norm.weight").index_select(0, hidden)}
+    if not tied:
+        outer["lm_head.weight"] = base.get("lm_head.weight").index_select(1, hidden)
+    return outer
+
+
+def pruned_config(config, first: LayerKeep, per_layer: dict, hidden_size: int, head_dim: int, dtype: torch.dtype):
+    """The base's config with the kept sizes; per-layer sizes give transformers' per-layer format."""
+    sizes = first.sizes()
+    config.hidden_size = hidden_size
+    config.head_dim = head_dim  # explicit: it no longer equals hidden_size // num_attention_heads
+    config.num_attention_heads = sizes["num_attention_heads"]
+    config.num_key_value_heads = sizes["num_key_value_heads"]
+    config.intermediate_size = sizes["intermediate_size"]
+    config.dtype = dtype
+    if per_layer:  # layer 0's sizes are the global ones; the other layers list what differs
+        config = heterogeneous_config(config, per_layer)
+    return config
+
+
+def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]) -> AptLlamaConfig:
+    """The pruned LlamaConfig in transformers' per-layer format, as the registered `apt_llama` type."""
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures",
+                                                                    "transformers_version")}
+    return AptLlamaConfig(**values, per_layer_config=per_layer, architectures=["AptLlamaForCausalLM"])
+
+
+def write_compacted_base(original_dir: Path, alive: MaskSet, out_dir: Path, trust_remote_code: bool) -> None:
+    """The original base sliced to the blocks still alive, streamed from its safetensors in its own dtype."""
+    dtype = BaseWeights(original_dir).get("model.norm.weight").dtype
+    export_pruned(base_dir=original_dir, adapters_path=None, masks=alive, scaling=0.0, dtype=dtype, out_dir=out_dir,
+                  trust_remote_code=trust_remote_code)

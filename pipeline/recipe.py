@@ -1,0 +1,408 @@
+"""The APT fine-tune as a recipe: masked adapters train under DeepSpeed ZeRO while salience decides what to prune.
+
+Runs on every rank (the driver starts it with the `deepspeed` launcher). Each step: forward/backward with salience
+hooks accumulating on every rank, optimizer step, masks move one `mask_step` toward their targets. Every
+`pruning.update_every` steps inside the window: ONE all-reduce of the packed salience sums, EMA, budget search at
+the cubic schedule's ρ_t (`pipeline.updates`). Every `apt.grow_every` steps the most salient adapters grow. Blocks
+whose mask and target reached 0 are cut out of the model (compaction). Checkpoints hold only trainable weights plus
+the APT state; a restart resumes from `latest`, on the same number of ranks or (through a DeepSpeed universal
+checkpoint) on another one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline import dist, updates
+from pipeline.apt.adapters import (
+    adapter_params,
+    grow_rank,
+    inject_adapters,
+    named_adapters,
+    plan_rank_growth,
+    set_masks,
+)
+from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.compaction import (
+    CompactionPlan,
+    compact_accumulator,
+    narrow_alive,
+    physical_fraction,
+    plan_compaction,
+    slice_masks,
+    slice_scores,
+)
+from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
+from pipeline.apt.masks import MaskSet, step_toward
+from pipeline.apt.salience import SalienceAccumulator
+from pipeline.apt.schedule import remaining_fraction
+from pipeline.apt.state import AptState
+from pipeline.checkpoints import LATEST, check_checkpoint
+from pipeline.config import FinetuneConfig
+from pipeline.ds_config import load_ds_config, zero_stage
+from pipeline.engine import compact_engine, global_adapter_salience, grow_adapters, rebuild_engine
+from pipeline.export import write_compacted_base
+from pipeline.layout import RunLayout
+from pipeline.model_io import load_base_model
+from pipeline.resume import ResumePoint, keep_global_batch, latest_meta, resume_point, write_meta
+from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
+from pipeline.tracking import metric_logger
+from pipeline.training import (
+    BatchOrder,
+    build_engine,
+    evaluate,
+    loss_scale,
+    optimizer_factory,
+    reduce_losses,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    trainable_fp32,
+)
+
+log = dist.get_logger("apt.finetune")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss was inf/NaN and train.nonfinite says to stop (or too many steps were skipped)."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step leaves for the rest of the loop."""
+
+    loss_sum: float = 0.0
+    """Causal-LM loss summed over the micro-batches (mean over ranks)."""
+    objective_sum: float = 0.0
+    """The trained objective (with distillation) summed likewise."""
+    skipped: bool = False
+    adapter_scores: dict[str, float] | None = None
+    """On a growth step: each adapter's salience, taken from the full gradients before the optimizer step."""
+
+
+class AptFinetuneRecipe:
+    """One APT fine-tune: `setup`, then `train`, then `finish`; engine, config and state live on the instance."""
+
+    def __init__(self, cfg: FinetuneConfig, run_dir: Path):
+        self.cfg, self.train_cfg = cfg, cfg.train  # train_cfg: grad_accum may change on an elastic resume
+        self.layout = RunLayout(run_dir, cfg.model)
+        self.compactions: list[dict] = []
+        self.step_times: list[float] = []
+        self.last_row: dict = {}
+
+    # ---- setup -------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Ranks, data, the (possibly compacted) base with adapters and salience hooks, a fresh or resumed engine."""
+        checkpoints = self.layout.checkpoints
+        check_checkpoint(checkpoints)  # a truncated or missing `latest` tag fails here, naming the fix
+        dist.init_distributed(self.cfg.deepspeed.timeout_minutes)
+        self.world_size, self.rank = dist.world_size(), dist.rank()
+        seed_everything(self.cfg.run.seed)
+        meta = latest_meta(checkpoints)
+        if meta is not None:
+            self.train_cfg = keep_global_batch(self.train_cfg, self.world_size, meta)
+        resume_from = resume_point(checkpoints, meta, self.world_size)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.layout.tokenizer))
+        self.splits = datasets.load_from_disk(str(self.layout.dataset)).with_format("torch")
+        self.ds_config = load_ds_config(self.cfg.deepspeed.config, self.train_cfg, self.world_size)
+
+        model = self.load_model(len(tokenizer), meta)
+        growth_budget = self.cfg.apt.tuning_budget * adapter_params(list(named_adapters(model)))
+        self.state = AptState.start(self.shape, growth_budget)
+        if resume_from is None:
+            self.engine = build_engine(model, self.ds_config, self.train_cfg)
+        else:
+            self.engine = self.resume(model, resume_from)  # replaces the state with the checkpoint's
+        set_masks(self.engine.module, self.state.masks)
+
+        train = self.train_cfg
+        self.batches = BatchOrder(len(self.splits["train"]), train.micro_batch_size, train.grad_accum,
+                                  self.world_size, self.rank, self.cfg.run.seed)
+        self.metrics = metric_logger(self.layout.finetune)
+        seq_len = self.splits["train"][0]["input_ids"].numel()
+        self.tokens_per_step = train.micro_batch_size * train.grad_accum * self.world_size * seq_len
+
+    def load_model(self, vocab_size: int, meta: dict | None):
+        """The base a resume continues on (the last compacted one, if any), with adapters and salience hooks."""
+        compacted = self.layout.finetune / meta["base_model"] if meta is not None and meta.get("base_model") else None
+        model = load_base_model(self.cfg.model, vocab_size, self.ds_config, self.layout.run_dir, self.cfg.run.seed,
+                                directory=compacted)
+        self.shape = ModelShape.from_config(model.config)  # the training model's; smaller after compaction
+        self.original_shape = self.shape if compacted is None else ModelShape.from_config(AutoConfig.from_pretrained(
+            str(self.layout.base_model), trust_remote_code=self.cfg.model.trust_remote_code))
+        apt = self.cfg.apt
+        inject_adapters(model, targets=apt.adapter_targets, rank=apt.rank, alpha=apt.alpha, dropout=apt.dropout,
+                        generator=torch.Generator().manual_seed(self.cfg.run.seed))
+        self.salience = SalienceAccumulator(self.shape)
+        self.salience.attach(model)
+        return model
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Step, grow, prune, compact, log, checkpoint: until `train.steps`."""
+        train = self.train_cfg
+        progress = tqdm(total=train.steps, initial=self.state.step, desc="finetune", disable=not dist.is_main())
+        while self.state.step < train.steps:
+            started = time.perf_counter()
+            step = self.train_step()
+            if step.adapter_scores is not None:
+                self.grow(step.adapter_scores)
+            rho = self.prune_update()
+            self.step_times.append(time.perf_counter() - started)
+            self.compact()
+            self.log_step(step, rho)
+            progress.update(1)
+            progress.set_postfix(loss=f"{self.last_row.get('loss', float('nan')):.3f}",
+                                 lr=f"{self.last_row['lr']:.1e}", rem=f"{self.last_row['remaining']:.2f}")
+            if self.state.step % train.checkpoint_every == 0 or self.state.step == train.steps:
+                self.save_checkpoint()
+        progress.close()
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches; a step with an inf/NaN loss is dropped on every rank."""
+        apt, state, accum = self.cfg.apt, self.state, self.train_cfg.grad_accum
+        grow_now = apt.grow_every > 0 and (state.step + 1) % apt.grow_every == 0
+        if apt.distill and state.teacher is None and state.step >= self.cfg.pruning.start_step:
+            state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param)  # collective
+        result = StepResult()
+        for micro in range(accum):
+            batch = self.splits["train"][self.batches.indices(state.step, micro)]
+            self.salience.grad_scale = self.world_size * loss_scale(self.engine)
+            sums_before = self.salience.pack()  # activations are summed during the forward; a bad one is rolled back
+            loss, task_loss = training_loss(self.engine, batch, state.teacher, self.salience, apt.distill_weight)
+            bad_ranks, loss_mean, task_loss_mean = reduce_losses(loss, task_loss)  # same on every rank
+            if bad_ranks:
+                self.salience.load_packed(sums_before)
+                self.skip_step(bad_ranks)
+                return StepResult(skipped=True)
+            self.engine.backward(loss)
+            if grow_now and micro == accum - 1:  # full gradients exist only before the step
+                result.adapter_scores = global_adapter_salience(named_adapters(self.engine.module))
+            self.engine.step()
+            result.loss_sum += task_loss_mean
+            result.objective_sum += loss_mean
+        state.step += 1
+        return result
+
+    def skip_step(self, bad_ranks: list[int]) -> None:
+        """Drop this step if train.nonfinite and max_skipped_steps allow it; raise NonFiniteLoss otherwise."""
+        train, state = self.train_cfg, self.state
+        where = f"step {state.step + 1}: the loss is inf/NaN on rank(s) {bad_ranks}"
+        if train.nonfinite == "stop":
+            raise NonFiniteLoss(f"{where}; stopping (train.nonfinite=stop). The last checkpoint is intact; set "
+                                f"train.nonfinite=skip to drop such steps, or lower train.lr if the run diverges")
+        if state.skipped_steps >= train.max_skipped_steps:
+            raise NonFiniteLoss(f"{where}, and {state.skipped_steps} steps were skipped already "
+                                f"(train.max_skipped_steps); the run is diverging: lower train.lr or check the data")
+        state.step += 1
+        state.skipped_steps += 1
+        log.warning("step %d skipped: inf/NaN loss on rank(s) %s (%d skipped so far)", state.step, bad_ranks,
+                    state.skipped_steps)
+
+    def grow(self, adapter_scores: dict[str, float]) -> None:
+        """Give the most salient adapters more rank and rebuild the engine, carrying optimizer state over."""
+        apt = self.cfg.apt
+        plan = plan_rank_growth(list(named_adapters(self.engine.module)), adapter_scores, initial_rank=apt.rank,
+                                max_multiplier=apt.max_rank_multiplier, budget_params=self.state.growth_budget)
+        if not plan:
+            return
+        log.info("rank growth: %d adapters grow by %d ranks in all", len(plan), sum(plan.values()))
+        generator = torch.Generator().manual_seed(self.cfg.run.seed + self.state.step)  # same new rows on every rank
+        self.engine = rebuild_engine(self.engine, self.ds_config, optimizer_factory(self.train_cfg),
+                                     reshape=lambda model: grow_adapters(model, plan, generator))
+
+    def prune_update(self) -> float:
+        """Inside the window, a salience update and a new target; masks move toward it. Returns ρ_t."""
+        pruning, state = self.cfg.pruning, self.state
+        rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
+                                 final=pruning.target_remaining)
+        if updates.in_update_window(state.step, pruning):
+            budget = physical_fraction(rho, self.original_shape, self.shape)
+            state.ema, state.target = updates.salience_update(self.salience, state, self.shape, budget, self.cfg.apt,
+                                                              pruning)
+            if dist.is_main():
+                updates.save_update(self.layout.updates, state)
+        state.masks = step_toward(state.masks, state.target, pruning.mask_step)
+        set_masks(self.engine.module, state.masks)
+        return rho
+
+    # ---- compaction --------------------------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Cut blocks whose mask and target reached 0 out of the model when enough of them have (collective)."""
+        pruning = self.cfg.pruning
+        plan = plan_compaction(self.state.masks, self.state.target, self.shape, pruning.attention_mode,
+                               min_fraction=pruning.compact_min_fraction) if pruning.compact else None
+        if plan is not None:
+            self.cut(plan)
+            self.compactions.append({"step": self.state.step, "params_before": total_params(plan.before),
+                                     "params_after": total_params(plan.after),
+                                     "step_time_before": sum(self.step_times[-3:]) / len(self.step_times[-3:])})
+        self.time_compaction()
+
+    def cut(self, plan: CompactionPlan) -> None:
+        """Slice the engine, its optimizer state, the masks, the EMA and the accumulator; write the smaller base."""
+        started, state = time.perf_counter(), self.state
+        self.engine = compact_engine(self.engine, plan, self.ds_config, optimizer_factory(self.train_cfg))
+        state.masks, state.target = slice_masks(state.masks, plan), slice_masks(state.target, plan)
+        state.ema = None if state.ema is None else slice_scores(state.ema, plan)
+        compacted = compact_accumulator(self.salience, plan)
+        self.salience.detach()
+        compacted.attach(self.engine.module)
+        self.salience, self.shape = compacted, plan.after
+        state.alive = narrow_alive(state.alive or MaskSet.ones(plan.before), plan)
+        state.base_model = self.layout.compacted_base(state.step)
+        if dist.is_main():
+            write_compacted_base(self.layout.base_model, state.alive, self.layout.finetune / state.base_model,
+                                 self.cfg.model.trust_remote_code)
+        sizes = plan.summary()
+        log.info("compaction at step %d: hidden %d->%d, heads %d->%d, KV heads %d->%d, neurons %d->%d, parameters "
+                 "%d->%d (%.2fx); rebuilt in %.1fs", state.step, sizes["hidden_before"], sizes["hidden_after"],
+                 sizes["heads_before"], sizes["heads_after"], sizes["kv_heads_before"], sizes["kv_heads_after"],
+                 sizes["neurons_before"], sizes["neurons_after"], sizes["params_before"], sizes["params_after"],
+                 sizes["params_after"] / sizes["params_before"], time.perf_counter() - started)
+
+    def time_compaction(self) -> None:
+        """Fill in the step time after the latest compaction: steps 2-4 after it (the first warms the new engine)."""
+        if not self.compactions or "step_time_after" in self.compactions[-1]:
+            return
+        event = self.compactions[-1]
+        if self.state.step - event["step"] == 4:
+            event["step_time_after"] = sum(self.step_times[-3:]) / 3
+            log.info("step time %.3fs before the step-%d compaction, %.3fs after (%.2fx)", event["step_time_before"],
+                     event["step"], event["step_time_after"], event["step_time_after"] / event["step_time_before"])
+
+    # ---- metrics, checkpoints, the end ---------------------------------------------------------------------
+
+    def log_step(self, step: StepResult, rho: float) -> None:
+        """One metrics row: losses (absent on a skipped step), LR, sizes, throughput."""
+        accum, total, kept = self.train_cfg.grad_accum, total_params(self.original_shape), kept_sizes(self.state.masks)
+        losses = {} if step.skipped else {"loss": step.loss_sum / accum, "objective": step.objective_sum / accum}
+        self.last_row = {**losses, "lr": self.engine.get_lr()[0], "remaining_target": rho,
+                         "adapter_params": adapter_params(list(named_adapters(self.engine.module))),
+                         "remaining": remaining_params(self.shape, kept) / total, "kept_hidden": kept.hidden,
+                         "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
+                         "tokens_per_s": self.tokens_per_step / self.step_times[-1],
+                         "skipped_steps": self.state.skipped_steps, "model_params": total_params(self.shape) / total}
+        self.metrics.log_metrics(self.last_row, step=self.state.step)
+
+    def save_checkpoint(self) -> None:
+        """Trainable weights + optimizer (DeepSpeed) and the APT state as client state; `latest` moves last.
+
+        DeepSpeed's rank 0 would write `latest` as soon as its own files are done; here it is written (atomically)
+        after DeepSpeed's closing barrier, so it never names a tag whose other ranks' files are still being written.
+        """
+        checkpoints, tag, train = self.layout.checkpoints, f"step{self.state.step}", self.train_cfg
+        if dist.is_main():
+            write_meta(checkpoints, tag, {
+                "adapter_ranks": {name: adapter.rank for name, adapter in named_adapters(self.engine.module)},
+                "world_size": self.world_size, "base_model": self.state.base_model,
+                "global_batch": train.micro_batch_size * train.grad_accum * self.world_size})
+        client_state = self.state.to_checkpoint() | {"apt_salience_sums": self.salience.state_dict(),
+                                                     "apt_rng": rng_state()}
+        try:
+            self.engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state,
+                                        exclude_frozen_parameters=True, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save's zip writer raises an errno-less RuntimeError
+            failure = resumable_write_failure(e, checkpoints, tag)
+            if failure is None:
+                raise
+            raise failure from e
+        if dist.is_main():
+            write_atomic(checkpoints / LATEST, tag)
+
+    def resume(self, model, point: ResumePoint):
+        """The engine with the checkpoint's adapters, optimizer and APT state loaded; RNG restored."""
+        regrow(model, point.meta["adapter_ranks"], self.cfg.run.seed)  # grown adapters exist before they load
+        load_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}),
+                                                        "load_universal": point.universal}}
+        engine = build_engine(model, load_config, self.train_cfg)
+        checkpoints = self.layout.checkpoints
+        _, client = engine.load_checkpoint(str(checkpoints), tag=point.load_tag, load_module_strict=False)
+        if client is None:
+            raise RuntimeError(f"{checkpoints / point.load_tag}: the checkpoint could not be loaded; "
+                               f"delete {checkpoints} to start this stage over")
+        self.salience.load_state_dict(client["apt_salience_sums"])
+        set_rng_state(client["apt_rng"])
+        self.state = AptState.from_checkpoint(client)
+        log.info("resumed from %s at step %d%s", point.tag, self.state.step,
+                 f" (written by {point.meta['world_size']} ranks, via {point.load_tag})" if point.universal else "")
+        return engine
+
+    def finish(self) -> dict:
+        """Validation loss, the final adapters and APT state for the later stages; the stage's summary."""
+        train, pruning, state = self.train_cfg, self.cfg.pruning, self.state
+        val_loss = evaluate(self.engine, self.splits["validation"], train.micro_batch_size, train.eval_batches,
+                            self.world_size, self.rank)
+        self.salience.detach()
+        kept = kept_sizes(state.masks)
+        summary = {"steps": state.step, "final_loss": self.last_row.get("loss"),
+                   "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)),
+                   "remaining_fraction": remaining_params(self.shape, kept) / total_params(self.original_shape),
+                   "target_remaining": pruning.target_remaining,
+                   "kept_hidden": kept.hidden, "kept_heads": list(kept.heads), "kept_neurons": list(kept.neurons),
+                   "zero_stage": zero_stage(self.ds_config), "precision": train.precision,
+                   "world_size": self.world_size, "skipped_steps": state.skipped_steps,
+                   "compactions": self.compactions}
+        adapters = trainable_fp32(self.engine)  # every rank takes part: under ZeRO-3 this gathers partitions
+        if dist.is_main():
+            save_tensors(state.final_tensors(), self.layout.apt_state)
+            write_atomic(self.layout.apt_state_json, json_state(state))
+            save_tensors(adapters, self.layout.adapters)
+        self.metrics.close()
+        self.engine.destroy()
+        return summary
+
+
+def training_loss(engine, batch: dict, teacher, salience: SalienceAccumulator, distill_weight: float):
+    """(objective, causal-LM loss): the objective mixes in self-distillation once a teacher exists (design §5)."""
+    if teacher is None:
+        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        return loss, loss
+    salience.enabled = False  # the teacher's activations are not the student's salience
+    with teacher_mode(engine.module, teacher):
+        teacher_out = engine(input_ids=batch["input_ids"], output_hidden_states=True)
+    salience.enabled = True
+    student_out = engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
+    layers = list(range(1, len(teacher_out.hidden_states)))
+    layer_map = match_layers(student_out.hidden_states, teacher_out.hidden_states, layers)
+    distill = distill_loss(student_out.logits, teacher_out.logits, student_out.hidden_states,
+                           teacher_out.hidden_states, layer_map)
+    return (1 - distill_weight) * student_out.loss + distill_weight * distill, student_out.loss
+
+
+def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:
+    """Grow a fresh model's adapters to the ranks a checkpoint was saved with (its values overwrite them)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, adapter in named_adapters(model):
+        if adapter_ranks[name] > adapter.rank:
+            grow_rank(adapter, adapter_ranks[name] - adapter.rank, generator)
+
+
+def resumable_write_failure(error: BaseException, checkpoints: Path, tag: str) -> WriteFailed | None:
+    """A refused checkpoint write, named with its fix and the checkpoint a rerun resumes from (None: not one)."""
+    failure = write_failure(error, checkpoints / tag)
+    if failure is None:
+        return None
+    previous = (checkpoints / LATEST).read_text().strip() if (checkpoints / LATEST).is_file() else None
+    resumable = WriteFailed(failure.errno, f"{failure.strerror}; a rerun resumes from "
+                                           f"{previous or 'the start'}, which is intact")
+    resumable.fix = failure.fix
+    return resumable
+
+
+def json_state(state: AptState) -> str:
+    """`finetune/apt_state.json`: the final step and the compacted base's folder, for the later stages."""
+    return json.dumps({"step": state.step, "base_model": state.base_model}, indent=2)

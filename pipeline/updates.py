@@ -1,0 +1,61 @@
+"""Pruning updates inside the window: one all-reduce of every rank's salience, EMA, the budget search.
+
+Every rank ends an update with the same EMA and the same target masks; a checksum of each rank's masks travels in
+the same all-reduce, so ranks that have diverged fail the step instead of pruning different blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import dist
+from pipeline.apt.blocks import ModelShape
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.salience import SalienceAccumulator, ema_update
+from pipeline.apt.search import search_masks
+from pipeline.apt.state import AptState
+from pipeline.stage import save_tensors
+
+
+def in_update_window(step: int, pruning) -> bool:
+    """True on the steps `pruning.update_every` apart inside (start_step, end_step]."""
+    return pruning.start_step < step <= pruning.end_step and (step - pruning.start_step) % pruning.update_every == 0
+
+
+def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning):
+    """One all-reduce of every rank's sums and mask checksum; then EMA and the budget search, same on all ranks."""
+    world_size, rank = dist.world_size(), dist.rank()
+    checksums = torch.zeros(world_size, dtype=torch.float64)
+    checksums[rank] = mask_checksum(state.target)
+    flat = torch.cat([salience.pack(), checksums])
+    dist.all_reduce_sum(flat)
+    salience.load_packed(flat[:-world_size])
+    disagree = [r for r in range(world_size) if flat[-world_size + r] != flat[-world_size]]
+    if disagree:
+        raise RuntimeError(f"step {state.step}: ranks {disagree} hold other masks than rank 0; "
+                           f"the ranks have diverged (non-deterministic search or corrupted state)")
+    ema = ema_update(state.ema, salience.scores(), apt.salience_momentum)
+    salience.reset()
+    target = search_masks(shape, ema, rho, attention_mode=pruning.attention_mode, layout=pruning.layout,
+                          round_to=pruning.round_to, min_hidden=pruning.min_hidden)
+    return ema, target
+
+
+def save_update(folder: Path, state: AptState) -> None:
+    """The all-reduced EMA salience and the new target masks of one update, for inspection and tests."""
+    folder.mkdir(exist_ok=True)
+    tensors = {f"ema.{k}": v for k, v in asdict(state.ema).items()}
+    tensors |= {f"target.{k}": v for k, v in state.target.to_dict().items()}
+    save_tensors(tensors, folder / f"step{state.step:06d}.safetensors")
+
+
+def mask_checksum(masks: MaskSet) -> float:
+    """Position-weighted sum of the masks: equal masks give bit-equal checksums."""
+    total = 0.0
+    for tensor in masks.to_dict().values():
+        flat = tensor.detach().double().flatten()
+        total += float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
+    return total

@@ -4,33 +4,18 @@ right before, the adapters' Adam moments follow their kept elements, and trainin
 One spawn runs both stages (a launch costs most of the time) and writes its measurements; the tests check them.
 """
 
-import json
 import math
 
 import pytest
 import torch
-
-from harness import spawn
+from engine_harness import batch, logits, measure_each_stage, new_engine, replica_diff, tiny_llama, train_step
 
 pytestmark = pytest.mark.dist
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-STAGES = ("zero2", "zero3")
+TIED = {"zero2": False, "zero3": True}
 STEPS_AFTER = 6
 ATTENTION_MODE = "kv_group"
-
-
-def tiny_model(tie):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.apt.adapters import inject_adapters
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    return inject_adapters(model, targets=TARGETS, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
 
 
 def masks_with_dead_blocks(shape):
@@ -58,22 +43,6 @@ def adamw_with_decay(lr):
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
 
     return make
-
-
-def batch(step, rank):
-    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def train_step(engine, ids):
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
-    return loss.item()
-
-
-@torch.no_grad()
-def logits(engine):
-    return engine(input_ids=batch(99, 0)).logits.float()
 
 
 def adapter_state(engine):
@@ -105,17 +74,15 @@ def physical_params(engine):
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if not p.requires_grad)
 
 
-def compaction(ds_config, make, rank, tie):
-    import deepspeed
-
+def compaction(stage, ds_config, train, rank, world_size):
+    """Train, compact the engine by a plan with dead blocks, train on; ZeRO-2 untied, ZeRO-3 tied embeddings."""
     from pipeline.apt.adapters import set_masks
     from pipeline.apt.blocks import ModelShape, total_params
     from pipeline.apt.compaction import plan_compaction
     from pipeline.engine import compact_engine
 
-    model = tiny_model(tie)
-    optimizer, scheduler = make([p for p in model.parameters() if p.requires_grad])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    make = adamw_with_decay(train.lr)
+    engine = new_engine(tiny_llama(TARGETS, tie=TIED[stage]), ds_config, make)
     ids = batch(0, rank)
     for _ in range(2):  # moments and B nonzero
         train_step(engine, ids)
@@ -144,41 +111,17 @@ def compaction(ds_config, make, rank, tie):
         "lr": [lr, engine.get_lr()],
         "global_steps": engine.global_steps,
         "losses": [loss_before] + [train_step(engine, ids) for _ in range(STEPS_AFTER)],
+        "replica_diff": replica_diff(engine),
     }
-    flat = torch.cat([v["param"].flatten() for v in adapter_state(engine).values()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    torch.distributed.all_gather(gathered, flat)
-    result["replica_diff"] = (gathered[0] - gathered[1]).abs().max().item()
     engine.destroy()
     return result
 
 
-def run_scenarios(rank, world_size, out_dir):
-    import deepspeed
-
-    from pipeline.config import TrainSection
-    from pipeline.ds_config import load_ds_config
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    train = TrainSection(micro_batch_size=2, precision="fp32", lr=5e-3, warmup_steps=1, steps=20, weight_decay=0.0)
-    results = {}
-    for stage, tie in zip(STAGES, (False, True), strict=True):
-        ds_config = load_ds_config(f"ds_configs/{stage}_cpu.json", train, world_size)
-        results[stage] = compaction(ds_config, adamw_with_decay(train.lr), rank, tie)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("compaction")
-    spawn(run_scenarios, 2, out_dir)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-@pytest.fixture(params=STAGES)
-def results(request, measured):
-    """Both ranks' measurements under one ZeRO stage (ZeRO-2 untied, ZeRO-3 tied embeddings)."""
-    return [per_rank[request.param] for per_rank in measured]
+    """Both ranks' compaction results by stage, from one spawn."""
+    return measure_each_stage(tmp_path_factory, compaction, micro_batch_size=2, precision="fp32", lr=5e-3,
+                              warmup_steps=1, steps=20, weight_decay=0.0)
 
 
 def test_compaction_cuts_the_planned_blocks(results):

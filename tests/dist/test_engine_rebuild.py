@@ -5,13 +5,20 @@ One spawn runs every scenario under ZeRO-2 and then ZeRO-3 (a launch costs most 
 measurements; the tests below check them.
 """
 
-import json
 import math
 
 import pytest
 import torch
-
-from harness import spawn
+from engine_harness import (
+    batch,
+    full_adapters,
+    logits,
+    measure_each_stage,
+    new_engine,
+    replica_diff,
+    tiny_llama,
+    train_step,
+)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -19,24 +26,15 @@ TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 RANK, ALPHA, MAX_MULTIPLIER = 4, 8.0, 4
 STEPS = 4
 REBUILDS = 5
-STAGES = ("zero2", "zero3")
 RSS_BOUND_MB = 16
 """Allowed growth of a rank's resident memory from the 2nd to the last rebuild. Measured: +0.0 MB (ZeRO-2) and
 +0.6 MB (ZeRO-3) on ~575 MB. This tiny model's whole engine state is far below 1 MB, so the exact leak check is the
 weakref one: every old engine and its optimizer must be collected."""
 
 
-def tiny_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.apt.adapters import inject_adapters
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    return inject_adapters(model, targets=TARGETS, rank=RANK, alpha=ALPHA, generator=generator)
+def tiny_model():
+    """The adapted model every scenario starts from."""
+    return tiny_llama(TARGETS, rank=RANK, alpha=ALPHA)
 
 
 def optimizer_factory(train):
@@ -53,31 +51,6 @@ def optimizer_factory(train):
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     return make
-
-
-def batch(step, rank):
-    """Each rank its own data, the same for a given step in every run."""
-    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def train_step(engine, step, rank):
-    ids = batch(step, rank)
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
-    return loss.item()
-
-
-def full_adapters(engine):
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    params = engine.module.named_parameters()
-    return {name: safe_get_full_fp32_param(p).clone() for name, p in params if p.requires_grad}
-
-
-@torch.no_grad()
-def logits(engine):
-    return engine(input_ids=batch(99, 0)).logits.float()
 
 
 def distill_step(engine, teacher, step, rank):
@@ -99,31 +72,22 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def new_engine(ds_config, make):
-    import deepspeed
-
-    model = tiny_model()
-    optimizer, scheduler = make([p for p in model.parameters() if p.requires_grad])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine
-
-
 def no_shape_change(ds_config, make, rank):
     """(a) STEPS straight vs STEPS/2 + rebuild + STEPS/2."""
     from pipeline.engine import rebuild_engine
 
-    engine = new_engine(ds_config, make)
+    engine = new_engine(tiny_model(), ds_config, make)
     for step in range(STEPS):
-        train_step(engine, step, rank)
+        train_step(engine, batch(step, rank))
     straight, straight_lr = full_adapters(engine), engine.get_lr()
     engine.destroy()
 
-    engine = new_engine(ds_config, make)
+    engine = new_engine(tiny_model(), ds_config, make)
     for step in range(STEPS // 2):
-        train_step(engine, step, rank)
+        train_step(engine, batch(step, rank))
     engine = rebuild_engine(engine, ds_config, make)
     for step in range(STEPS // 2, STEPS):
-        train_step(engine, step, rank)
+        train_step(engine, batch(step, rank))
     result = {"max_weight_diff": max_diff(straight, full_adapters(engine)), "lr": [straight_lr, engine.get_lr()],
               "global_steps": engine.global_steps}
     engine.destroy()
@@ -149,8 +113,8 @@ def growth(ds_config, make, rank, world_size):
     from pipeline.apt.distill import freeze_adapters, teacher_mode
     from pipeline.engine import global_adapter_salience, grow_adapters, rebuild_engine
 
-    engine = new_engine(ds_config, make)
-    train_step(engine, 0, rank)
+    engine = new_engine(tiny_model(), ds_config, make)
+    train_step(engine, batch(0, rank))
     expected = reference_salience(full_adapters(engine), [batch(1, r) for r in range(world_size)])
     ids = batch(1, rank)
     engine.backward(engine(input_ids=ids, labels=ids).loss)
@@ -182,7 +146,7 @@ def growth(ds_config, make, rank, world_size):
         "old_exp_avg_A_norm": before["exp_avg_A"].abs().sum().item(),
         "new_state_abs_sum": (exp_avg_A[RANK:].abs().sum() + exp_avg_sq_B[:, RANK:].abs().sum()).item(),
         "lr": [before["lr"], engine.get_lr()],
-        "losses_after": [train_step(engine, step, rank) for step in range(2, 4)],
+        "losses_after": [train_step(engine, batch(step, rank)) for step in range(2, 4)],
         "new_columns_B_trained": safe_get_full_fp32_param(new_B)[:, RANK:].abs().sum().item(),
         "global_steps": engine.global_steps,
     }
@@ -190,10 +154,7 @@ def growth(ds_config, make, rank, world_size):
         result["teacher_logits_diff"] = (logits(engine) - before["logits"]).abs().max().item()
     result["student_logits_diff"] = (logits(engine) - before["logits"]).abs().max().item()
     result["distill_loss"] = distill_step(engine, teacher, 4, rank)
-    flat = torch.cat([t.flatten() for t in full_adapters(engine).values()])
-    gathered = [torch.zeros_like(flat) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, flat)
-    result["replica_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
+    result["replica_diff"] = replica_diff(engine)
     result["salience"] = salience
     engine.destroy()
     return result
@@ -210,10 +171,10 @@ def repeated_rebuilds(ds_config, make, rank):
 
     from pipeline.engine import rebuild_engine
 
-    engine = new_engine(ds_config, make)
+    engine = new_engine(tiny_model(), ds_config, make)
     rss_mb, peak_mb, seconds, old = [], [], [], []
     for step in range(REBUILDS):
-        train_step(engine, step, rank)
+        train_step(engine, batch(step, rank))
         old += [weakref.ref(engine), weakref.ref(engine.optimizer)]
         started = time.perf_counter()
         engine = rebuild_engine(engine, ds_config, make)
@@ -227,36 +188,19 @@ def repeated_rebuilds(ds_config, make, rank):
     return result
 
 
-def run_scenarios(rank, world_size, out_dir):
-    """Every scenario under ZeRO-2, then under ZeRO-3, in the same processes (a launch costs the most time)."""
-    import deepspeed
-
-    from pipeline.config import TrainSection
-    from pipeline.ds_config import load_ds_config
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    train = TrainSection(micro_batch_size=2, precision="fp32", lr=1e-2, warmup_steps=2, steps=8, weight_decay=0.01)
+def rebuilds(stage, ds_config, train, rank, world_size):
+    """Every scenario under one ZeRO stage."""
     make = optimizer_factory(train)
-    results = {}
-    for stage in STAGES:
-        ds_config = load_ds_config(f"ds_configs/{stage}_cpu.json", train, world_size)
-        results[stage] = {"no_shape_change": no_shape_change(ds_config, make, rank),
-                          "growth": growth(ds_config, make, rank, world_size),
-                          "repeated": repeated_rebuilds(ds_config, make, rank)}
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    return {"no_shape_change": no_shape_change(ds_config, make, rank),
+            "growth": growth(ds_config, make, rank, world_size),
+            "repeated": repeated_rebuilds(ds_config, make, rank)}
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("rebuild")
-    spawn(run_scenarios, 2, out_dir)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-@pytest.fixture(params=STAGES)
-def results(request, measured):
-    """Both ranks' measurements under one ZeRO stage."""
-    return [per_rank[request.param] for per_rank in measured]
+    """Both ranks' rebuild results by stage, from one spawn."""
+    return measure_each_stage(tmp_path_factory, rebuilds, micro_batch_size=2, precision="fp32", lr=1e-2,
+                              warmup_steps=2, steps=8, weight_decay=0.01)
 
 
 def test_rebuild_without_shape_change_leaves_training_identical(results):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from builders import logits, train_like
 from torch import nn
 
 from pipeline.apt.adapters import (
@@ -33,19 +34,6 @@ MODELS = [
 
 def wrapped(model, *, rank=4, targets=TARGETS, seed=0):
     return inject_adapters(model, targets=targets, rank=rank, alpha=8.0, generator=torch.Generator().manual_seed(seed))
-
-
-def train_like(model, seed=0):
-    """Give every adapter a nonzero B, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, adapter in named_adapters(model):
-            adapter.lora_B.copy_(0.1 * torch.randn(adapter.lora_B.shape, generator=generator))
-
-
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits
 
 
 @pytest.mark.parametrize(("arch", "num_kv", "tie"), MODELS)

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from builders import GQA, LLAMA2_7B, config_sizes, make_shape
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralForCausalLM
@@ -38,17 +39,8 @@ MODELS = [
 
 
 def tiny_config(arch: str, **overrides):
-    sizes = dict(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-    )
-    return ARCHITECTURES[arch][0](**(sizes | overrides))
+    """A config of `arch` with the sizes of `GQA`, `overrides` in transformers' names."""
+    return ARCHITECTURES[arch][0](**(config_sizes(GQA) | overrides))
 
 
 def numel(model: torch.nn.Module) -> int:
@@ -113,17 +105,7 @@ def test_params_per_unit_are_what_removing_one_unit_saves(arch, overrides):
 
 
 def test_params_per_hidden_channel_matches_the_design_table():
-    shape = ModelShape(
-        vocab_size=32000,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        intermediate_size=11008,
-        tie_word_embeddings=False,
-        qkv_bias=False,
-    )
+    shape = make_shape(LLAMA2_7B, num_kv_heads=8)
     per_layer = 128 * (2 * 32 + 2 * 8) + 3 * 11008
     assert params_per_hidden_channel(shape) == 2 * 32000 + 2 * 32 + 1 + 32 * per_layer
     assert params_per_group(shape) == 4 * 2 * 4096 * 128 + 2 * 4096 * 128

@@ -5,8 +5,9 @@ import copy
 
 import pytest
 import torch
+from builders import LLAMA_MISTRAL_CASES, TINY_MODEL, logits, make_shape, with_trained_adapters
 
-from pipeline.apt.adapters import get_masks, inject_adapters, named_adapters, set_masks
+from pipeline.apt.adapters import get_masks, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.compaction import (
     compact_accumulator,
@@ -24,12 +25,6 @@ from pipeline.apt.search import search_masks
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def shape_of(**sizes):
-    defaults = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                    intermediate_size=96, tie_word_embeddings=False, qkv_bias=False)
-    return ModelShape(**(defaults | sizes))
-
-
 def dead(masks: MaskSet) -> tuple[MaskSet, MaskSet]:
     """(current, target) where every 0 of `masks` is dead: mask and target both 0."""
     return masks, copy.deepcopy(masks)
@@ -39,7 +34,7 @@ def dead(masks: MaskSet) -> tuple[MaskSet, MaskSet]:
 
 
 def test_nothing_dead_gives_no_plan():
-    shape = shape_of()
+    shape = TINY_MODEL
     assert plan_compaction(*dead(MaskSet.ones(shape)), shape, "kv_group") is None
     masks, target = MaskSet.ones(shape), MaskSet.ones(shape)
     masks.neuron_mask[:, :10] = 0  # pruned now, but the target keeps them: they may come back
@@ -50,12 +45,12 @@ def test_nothing_dead_gives_no_plan():
 
 
 def test_per_layer_dead_counts_remove_the_common_count_from_every_layer():
-    shape = shape_of(num_layers=3)
+    shape = make_shape(TINY_MODEL, num_layers=3)
     masks = MaskSet.ones(shape)
     for layer, dead_neurons in enumerate(([3, 5, 7, 9, 11], [0, 2, 4], [90, 91, 92, 93, 94, 95, 1])):
         masks.neuron_mask[layer, dead_neurons] = 0
     plan = plan_compaction(*dead(masks), shape, "kv_group")
-    assert plan.after == shape_of(num_layers=3, intermediate_size=93)
+    assert plan.after == make_shape(TINY_MODEL, num_layers=3, intermediate_size=93)
     removed = [set(range(96)) - set(keep.neurons.tolist()) for keep in plan.layers]
     assert removed == [{3, 5, 7}, {0, 2, 4}, {1, 90, 91}]  # three each, the first dead ones by index
     assert all(torch.equal(keep.heads, torch.arange(4)) for keep in plan.layers)
@@ -63,7 +58,7 @@ def test_per_layer_dead_counts_remove_the_common_count_from_every_layer():
 
 
 def test_only_whole_dead_kv_groups_go():
-    shape = shape_of(num_heads=8, num_kv_heads=4, head_dim=8)  # g = 2
+    shape = make_shape(TINY_MODEL, num_heads=8, num_kv_heads=4, head_dim=8)  # g = 2
     masks = MaskSet.ones(shape)
     masks.kv_mask[0, [1, 3]] = 0
     masks.head_mask[0, [2, 3, 6, 7]] = 0  # layer 0: groups 1 and 3 dead
@@ -71,14 +66,14 @@ def test_only_whole_dead_kv_groups_go():
     masks.head_mask[1, [0, 1, 4]] = 0  # layer 1: group 0 dead; group 2 keeps query head 5
     masks.hidden_mask[:4] = 0  # 60 live channels: a multiple of the 6 query heads that remain
     plan = plan_compaction(*dead(masks), shape, "kv_group")
-    assert plan.after == shape_of(num_heads=6, num_kv_heads=3, head_dim=8, hidden_size=60)
+    assert plan.after == make_shape(TINY_MODEL, num_heads=6, num_kv_heads=3, head_dim=8, hidden_size=60)
     assert [keep.kv_heads.tolist() for keep in plan.layers] == [[0, 2, 3], [1, 2, 3]]
     assert [keep.heads.tolist() for keep in plan.layers] == [[0, 1, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7]]
     assert torch.equal(plan.hidden, torch.arange(4, 64))
 
 
 def test_hidden_stays_a_multiple_of_the_kept_query_heads():
-    shape = shape_of(num_heads=8, num_kv_heads=4, head_dim=8)
+    shape = make_shape(TINY_MODEL, num_heads=8, num_kv_heads=4, head_dim=8)
     masks = MaskSet.ones(shape)
     masks.kv_mask[:, 0] = 0
     masks.head_mask[:, :2] = 0  # group 0 dead in both layers: 6 query heads would remain
@@ -96,13 +91,13 @@ def test_hidden_stays_a_multiple_of_the_kept_query_heads():
 
 
 def test_query_in_group_trims_the_same_number_of_query_heads_from_every_group():
-    shape = shape_of(num_heads=8, num_kv_heads=2, head_dim=8)  # g = 4
+    shape = make_shape(TINY_MODEL, num_heads=8, num_kv_heads=2, head_dim=8)  # g = 4
     masks = MaskSet.ones(shape)
     masks.head_mask[0, [0, 1, 5]] = 0  # layer 0: two dead in group 0, one in group 1
     masks.head_mask[1, [1, 2, 3, 4, 6]] = 0  # layer 1: three and two
     masks.hidden_mask[:4] = 0  # room for hidden 60, a multiple of 6 heads
     plan = plan_compaction(*dead(masks), shape, "query_in_group")
-    assert plan.after == shape_of(num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=60)
+    assert plan.after == make_shape(TINY_MODEL, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=60)
     assert [keep.heads.tolist() for keep in plan.layers] == [[1, 2, 3, 4, 6, 7], [0, 2, 3, 5, 6, 7]]
     assert [keep.kv_heads.tolist() for keep in plan.layers] == [[0, 1], [0, 1]]
     # kv_group mode never trims single query heads; with all 8 heads, 60 live channels round up to 64: nothing goes.
@@ -110,7 +105,7 @@ def test_query_in_group_trims_the_same_number_of_query_heads_from_every_group():
 
 
 def test_every_layer_keeps_at_least_one_unit_of_each_kind():
-    shape = shape_of(num_heads=8, num_kv_heads=4, head_dim=8)
+    shape = make_shape(TINY_MODEL, num_heads=8, num_kv_heads=4, head_dim=8)
     all_dead = MaskSet(**{name: torch.zeros_like(mask) for name, mask in MaskSet.ones(shape).to_dict().items()})
     plan = plan_compaction(*dead(all_dead), shape, "kv_group")
     assert (plan.after.num_kv_heads, plan.after.num_heads, plan.after.intermediate_size) == (1, 2, 1)
@@ -118,7 +113,7 @@ def test_every_layer_keeps_at_least_one_unit_of_each_kind():
 
 
 def test_min_fraction_needs_that_share_of_some_block_type():
-    shape = shape_of()
+    shape = TINY_MODEL
     masks = MaskSet.ones(shape)
     masks.neuron_mask[:, :5] = 0  # 5 of 96 neurons: 5.2 %
     assert plan_compaction(*dead(masks), shape, "kv_group", min_fraction=0.06) is None
@@ -126,21 +121,14 @@ def test_min_fraction_needs_that_share_of_some_block_type():
 
 
 def test_a_plan_refuses_masks_of_another_shape():
-    shape = shape_of()
+    shape = TINY_MODEL
     with pytest.raises(ValueError, match="neuron_mask has shape"):
-        plan_compaction(*dead(MaskSet.ones(shape_of(intermediate_size=90))), shape, "kv_group")
+        plan_compaction(*dead(MaskSet.ones(make_shape(TINY_MODEL, intermediate_size=90))), shape, "kv_group")
 
 
 # ---- slicing a wrapped model by the plan ----------------------------------------------------------------
 
-CASES = [
-    pytest.param("llama", 4, False, "kv_group", id="llama-mha"),
-    pytest.param("llama", 4, True, "kv_group", id="llama-mha-tied"),
-    pytest.param("llama", 2, False, "kv_group", id="llama-gqa-kv_group"),
-    pytest.param("llama", 2, True, "query_in_group", id="llama-gqa-query_in_group-tied"),
-    pytest.param("mistral", 2, False, "query_in_group", id="mistral-gqa-query_in_group"),
-    pytest.param("qwen2", 2, True, "kv_group", id="qwen2-gqa-kv_group-tied"),
-]
+CASES = [*LLAMA_MISTRAL_CASES, pytest.param("qwen2", 2, True, "kv_group", id="qwen2-gqa-kv_group-tied")]
 
 
 def training_masks(random_masks, shape, mode, seed):
@@ -165,26 +153,11 @@ def training_masks(random_masks, shape, mode, seed):
     return current, target
 
 
-def wrapped(model, seed=0):
-    """The APT-wrapped model with nonzero adapters (B starts at zero)."""
-    inject_adapters(model, targets=TARGETS, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(seed))
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, adapter in named_adapters(model):
-            adapter.lora_B.copy_(0.1 * torch.randn(adapter.lora_B.shape, generator=generator))
-    return model
-
-
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits
-
-
 @pytest.mark.parametrize(("arch", "num_kv", "tie", "mode"), CASES)
 def test_compacted_model_computes_what_the_masked_model_computes(
     tiny_model, random_masks, input_ids, arch, num_kv, tie, mode
 ):
-    model = wrapped(tiny_model(arch, num_kv_heads=num_kv, tie=tie, num_layers=3))
+    model = with_trained_adapters(tiny_model(arch, num_kv_heads=num_kv, tie=tie, num_layers=3), TARGETS)
     shape = ModelShape.from_config(model.config)
     masks, target = training_masks(random_masks, shape, mode, seed=3)
     set_masks(model, masks)
@@ -216,7 +189,7 @@ def test_compacted_model_computes_what_the_masked_model_computes(
 
 
 def test_compacting_twice_composes(tiny_model, input_ids):
-    model = wrapped(tiny_model("llama", num_kv_heads=2, num_layers=2))
+    model = with_trained_adapters(tiny_model("llama", num_kv_heads=2, num_layers=2), TARGETS)
     shape = ModelShape.from_config(model.config)
     masks = MaskSet.ones(shape)
     masks.neuron_mask[:, :24] = 0
@@ -235,8 +208,8 @@ def test_compacting_twice_composes(tiny_model, input_ids):
     second = plan_compaction(*dead(masks), first.after, "kv_group")
     compact_model(model, second)
     torch.testing.assert_close(logits(model, input_ids), expected, rtol=0, atol=1e-5)
-    assert ModelShape.from_config(model.config) == second.after == shape_of(
-        num_heads=2, num_kv_heads=1, hidden_size=32, intermediate_size=72
+    assert ModelShape.from_config(model.config) == second.after == make_shape(
+        TINY_MODEL, num_heads=2, num_kv_heads=1, hidden_size=32, intermediate_size=72
     )
     with pytest.raises(ValueError, match="the plan is for a model of shape"):
         compact_model(model, first)
@@ -245,11 +218,11 @@ def test_compacting_twice_composes(tiny_model, input_ids):
 def test_the_compacted_base_streamed_from_the_original_checkpoint_is_the_training_models(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.stages.finetune import write_compacted_base
+    from pipeline.export import write_compacted_base
 
     model = tiny_model("llama", num_kv_heads=2, num_layers=2)
     model.save_pretrained(tmp_path / "original")
-    model = wrapped(model)
+    model = with_trained_adapters(model, TARGETS)
     shape = ModelShape.from_config(model.config)
     masks = MaskSet.ones(shape)
     masks.neuron_mask[:, 5:29] = 0
@@ -283,7 +256,7 @@ def accumulate(model, input_ids):
 
 @pytest.mark.parametrize("mode", ["kv_group", "query_in_group"])
 def test_sliced_salience_state_is_what_the_compacted_model_accumulates(tiny_model, random_masks, input_ids, mode):
-    model = wrapped(tiny_model("llama", num_kv_heads=2, num_layers=3))
+    model = with_trained_adapters(tiny_model("llama", num_kv_heads=2, num_layers=3), TARGETS)
     shape = ModelShape.from_config(model.config)
     masks, target = training_masks(random_masks, shape, mode, seed=5)
     set_masks(model, masks)
@@ -312,7 +285,7 @@ def assert_close_to_float32(actual, expected, name):
 
 
 def test_the_search_in_the_physical_shape_keeps_the_original_budget():
-    shape = shape_of(num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8, intermediate_size=128)
+    shape = make_shape(TINY_MODEL, num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8, intermediate_size=128)
     generator = torch.Generator().manual_seed(0)
     scores = {"head": torch.rand(3, 8, generator=generator), "neuron": torch.rand(3, 128, generator=generator),
               "hidden": torch.rand(64, generator=generator)}

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from builders import with_trained_adapters
 
-from pipeline.apt.adapters import get_masks, inject_adapters, named_adapters, set_masks
+from pipeline.apt.adapters import get_masks, named_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
 from pipeline.apt.masks import MaskSet
@@ -13,13 +14,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 def student(tiny_model, seed=0):
     """A tiny LLaMA with adapters whose B is nonzero, as after some training."""
-    model = inject_adapters(tiny_model(), targets=TARGETS, rank=4, alpha=8.0,
-                            generator=torch.Generator().manual_seed(seed))
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, adapter in named_adapters(model):
-            adapter.lora_B.copy_(0.1 * torch.randn(adapter.lora_B.shape, generator=generator))
-    return model
+    return with_trained_adapters(tiny_model(), TARGETS, seed)
 
 
 def forward(model, input_ids):

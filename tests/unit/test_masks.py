@@ -4,21 +4,9 @@ import math
 
 import pytest
 import torch
+from builders import GQA
 
-from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet, binarize, step_toward
-
-GQA = ModelShape(
-    vocab_size=32,
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=48,
-    tie_word_embeddings=False,
-    qkv_bias=False,
-)
 
 
 def test_ones_has_the_model_shapes_in_float32():

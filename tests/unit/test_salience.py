@@ -5,24 +5,14 @@ import math
 import pytest
 import scipy.stats
 import torch
+from builders import make_shape
 
 from pipeline.apt.adapters import APTLinear, inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update, kurtosis_from_moments
 
-SMALL = ModelShape(
-    vocab_size=16,
-    hidden_size=6,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=3,
-    intermediate_size=5,
-    tie_word_embeddings=False,
-    qkv_bias=False,
-    o_proj_bias=False,
-)
+SMALL = make_shape(vocab_size=16, hidden_size=6, num_heads=2, num_kv_heads=1, head_dim=3, intermediate_size=5)
 
 
 def test_kurtosis_of_merged_chunks_equals_scipy_on_the_whole_data():

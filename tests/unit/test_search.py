@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from builders import GQA, LLAMA2_7B, make_shape
 from transformers import LlamaConfig
 
 from pipeline.apt.blocks import (
@@ -21,34 +22,12 @@ from pipeline.apt.blocks import (
 )
 from pipeline.apt.search import search_masks
 
-
-def make_shape(**sizes) -> ModelShape:
-    defaults = dict(vocab_size=32, tie_word_embeddings=False, qkv_bias=False)
-    return ModelShape(**(defaults | sizes))
-
-
 SHAPES = {
-    "gqa": make_shape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=48),
-    "mha-tied": make_shape(
-        hidden_size=64,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=16,
-        intermediate_size=40,
-        tie_word_embeddings=True,
-    ),
+    "gqa": GQA,
+    "mha-tied": make_shape(num_layers=3, num_kv_heads=4, intermediate_size=40, tie_word_embeddings=True),
     # 12 heads in 4 groups of 3 at hidden 48: kept heads often do not divide the kept hidden size.
-    "gqa3-bias": make_shape(
-        hidden_size=48,
-        num_layers=3,
-        num_heads=12,
-        num_kv_heads=4,
-        head_dim=4,
-        intermediate_size=40,
-        qkv_bias=True,
-        o_proj_bias=True,
-    ),
+    "gqa3-bias": make_shape(hidden_size=48, num_layers=3, num_heads=12, num_kv_heads=4, head_dim=4,
+                            intermediate_size=40, qkv_bias=True, o_proj_bias=True),
 }
 MIN_HIDDEN = 4
 FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0)
@@ -381,26 +360,13 @@ def test_refuses_scores_of_the_wrong_shape():
         search_masks(SHAPES["gqa"], scores, 0.5)
 
 
-LLAMA_2_7B = ModelShape(
-    vocab_size=32000,
-    hidden_size=4096,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=32,
-    head_dim=128,
-    intermediate_size=11008,
-    tie_word_embeddings=False,
-    qkv_bias=False,
-)
-
-
 @pytest.mark.parametrize("layout", ["uniform", "per_layer"])
 def test_a_7b_search_is_fast(layout):
-    scores = random_scores(LLAMA_2_7B, 0)
+    scores = random_scores(LLAMA2_7B, 0)
     start = time.perf_counter()
-    masks = search_masks(LLAMA_2_7B, scores, 0.5, layout=layout)
+    masks = search_masks(LLAMA2_7B, scores, 0.5, layout=layout)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"{layout} search took {elapsed:.2f} s"
     kept = kept_sizes(masks)
-    assert 0.49 < remaining_params(LLAMA_2_7B, kept) / total_params(LLAMA_2_7B) <= 0.5
-    check_structure(LLAMA_2_7B, masks, kept, "kv_group", layout, 8)
+    assert 0.49 < remaining_params(LLAMA2_7B, kept) / total_params(LLAMA2_7B) <= 0.5
+    check_structure(LLAMA2_7B, masks, kept, "kv_group", layout, 8)

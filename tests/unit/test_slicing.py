@@ -4,18 +4,15 @@ import copy
 
 import pytest
 import torch
+from builders import LLAMA_MISTRAL_CASES, logits, train_like
 
-from pipeline.apt.adapters import inject_adapters, merge_adapters, named_adapters, set_masks
+from pipeline.apt.adapters import inject_adapters, merge_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import per_layer_config, slice_model
 
 CASES = [
-    pytest.param("llama", 4, False, "kv_group", id="llama-mha"),
-    pytest.param("llama", 4, True, "kv_group", id="llama-mha-tied"),
-    pytest.param("llama", 2, False, "kv_group", id="llama-gqa-kv_group"),
-    pytest.param("llama", 2, True, "query_in_group", id="llama-gqa-query_in_group-tied"),
-    pytest.param("mistral", 2, False, "query_in_group", id="mistral-gqa-query_in_group"),
+    *LLAMA_MISTRAL_CASES,
     pytest.param("qwen2", 2, False, "kv_group", id="qwen2-gqa-kv_group"),
     pytest.param("qwen2", 1, True, "query_in_group", id="qwen2-mqa-query_in_group-tied"),
 ]
@@ -24,17 +21,8 @@ CASES = [
 def masked_model(model, masks, seed=0):
     """The APT-wrapped model with trained-like adapters and `masks` set."""
     inject_adapters(model, targets=["q_proj", "v_proj", "up_proj", "down_proj"], rank=4, alpha=8.0)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, adapter in named_adapters(model):
-            adapter.lora_B.copy_(0.1 * torch.randn(adapter.lora_B.shape, generator=generator))
-    set_masks(model, masks)
+    set_masks(train_like(model, seed), masks)
     return model
-
-
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits
 
 
 @pytest.mark.parametrize(("arch", "num_kv", "tie", "mode"), CASES)

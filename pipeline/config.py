@@ -143,14 +143,19 @@ class AptSection:
     dropout: float = 0.0
     max_rank_multiplier: int = 8
     """An adapter grows to at most this times its initial rank."""
-    grow_every: int = 0
-    """Steps between rank-growth updates (0: never grow); each growth rebuilds the DeepSpeed engine."""
+    grow_every: int = 10
+    """Steps between rank-growth updates (0: never grow); each growth rebuilds the DeepSpeed engine. 10 suits the
+    tiny run (30 steps, pruning window 0..20): growth mid-window (step 10) and as the target is reached (20), so the
+    grown ranks train through the rest of pruning and the 10 recovery steps. The first growth spends the whole
+    `tuning_budget`; later ones use what compaction freed, and one with nothing to spend skips the rebuild. Real
+    runs set it from their step count (configs/llama2-7b.yaml: 200)."""
     tuning_budget: float = 4.0
     """Adapter parameters may grow to this multiple of their initial count."""
     salience_momentum: float = 0.85
     """EMA momentum of block salience between pruning updates."""
-    distill: bool = False
-    """Self-distillation from the pre-pruning adapters (KL at temperature 2 + hidden-state term)."""
+    distill: bool = True
+    """Self-distillation from the model as pruning starts (KL at temperature 2 + hidden-state term); with
+    compaction the teacher becomes its own frozen model before the first cut (docs/design.md §5)."""
     distill_weight: float = 0.5
     """mu in (1 - mu) * task loss + mu * distillation loss."""
 
@@ -199,12 +204,28 @@ class PruningSection:
     """Hidden channels that are never pruned."""
     compact: bool = True
     """Cut blocks whose mask and target reached 0 out of the training model (and its optimizer) mid-finetune, so
-    later steps run on a smaller model. A block removed this way can never come back. Not with apt.distill."""
+    later steps run on a smaller model. A block removed this way can never come back."""
     compact_min_fraction: float = 0.05
     """Compact only once at least this fraction of some block type (heads, KV heads, neurons, hidden) can go."""
+    shape_search: Literal["measured", "global"] = "measured"
+    """measured: rank each block type only within itself and pick the kept sizes among shape_candidates splits by
+    calibration loss; global: one density list over all types (the ablation, docs/design.md §4)."""
+    shape_candidates: int = 9
+    """Candidate shapes per measured choice, at most 9 (splits of the removed parameters between hidden, attention
+    and MLP; pipeline/apt/shapes.py SPLITS, in order)."""
+    shape_batches: int = 2
+    """Global calibration batches each candidate's loss is measured on (forward only) in a measured choice."""
+    target_shape: tuple[int, ...] | None = None
+    """Fixed final sizes [hidden, heads, kv_heads, intermediate] (uniform layout); the run ends at exactly this
+    shape, whose remaining fraction replaces target_remaining."""
 
     def problems(self) -> list[str]:
         out = []
+        if not 1 <= self.shape_candidates <= 9:
+            out.append(f"shape_candidates: {self.shape_candidates} must be in [1, 9]")
+        if self.shape_batches < 1:
+            out.append(f"shape_batches: {self.shape_batches} must be >= 1")
+        out += self._target_shape_problems()
         if not 0.0 <= self.compact_min_fraction <= 1.0:
             out.append(f"compact_min_fraction: {self.compact_min_fraction} must be in [0, 1]")
         if not 0.0 < self.target_remaining <= 1.0:
@@ -220,6 +241,23 @@ class PruningSection:
         if self.min_hidden < 1:
             out.append(f"min_hidden: {self.min_hidden} must be >= 1")
 
+        return out
+
+    def _target_shape_problems(self) -> list[str]:
+        """A target shape a LlamaConfig accepts; whether it fits the model is checked where the model is known."""
+        if self.target_shape is None:
+            return []
+        if len(self.target_shape) != 4 or min(self.target_shape) < 1:
+            return [f"target_shape: {list(self.target_shape)} must be four sizes >= 1: [hidden, heads, kv_heads, "
+                    f"intermediate]"]
+        hidden, heads, kv_heads, _ = self.target_shape
+        out = []
+        if heads % kv_heads:
+            out.append(f"target_shape: heads {heads} must be a multiple of kv_heads {kv_heads}")
+        if hidden % heads:
+            out.append(f"target_shape: hidden {hidden} must be a multiple of heads {heads} (LlamaConfig requires it)")
+        if self.layout != "uniform":
+            out.append(f"target_shape: needs layout uniform (one size per axis), got {self.layout!r}")
         return out
 
 
@@ -412,6 +450,7 @@ class SalienceConfig:
     run: RunSection
     model: ModelSection
     apt: AptSection
+    pruning: PruningSection
     train: TrainSection
     deepspeed: DeepSpeedSection
     salience: SalienceSection
@@ -492,10 +531,6 @@ def from_dict(raw: dict) -> RunConfig:
     if pruning and train and train.steps < (needed := pruning.end_step + math.ceil(1 / pruning.mask_step)):
         problems.append(f"train.steps: {train.steps} leaves masks fractional; gradual masks need "
                         f"pruning.end_step + 1/pruning.mask_step = {needed} steps to reach exactly 0 or 1")
-    apt = sections.get("apt")
-    if apt and pruning and apt.distill and pruning.compact:
-        problems.append("pruning.compact: compaction cuts blocks out of the backbone the self-distillation teacher "
-                        "shares, which would change the teacher; set pruning.compact=false with apt.distill=true")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RunConfig)})
     problems += [f"{name}: unknown section; known: {', '.join(_SECTIONS)}" for name in unknown]
     if problems:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline import dist
+from pipeline.apt.adapters import grow_rank, named_adapters
 from pipeline.ds_config import zero_stage
 from pipeline.layout import RunLayout
 
@@ -52,15 +53,37 @@ def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, 
     return model
 
 
-def load_adapters(model, path: Path) -> None:
-    """Copy fine-tuned adapter tensors (fp32, full) into an injected model before the engine is built."""
+def load_adapters(model, path: Path, max_rank: int | None = None) -> None:
+    """Copy fine-tuned adapter tensors (fp32, full) into an injected model before the engine is built.
+
+    Rank growth leaves adapters at ranks above `apt.rank`: each injected adapter is first grown to the rank its
+    tensors in the file have (`grow_rank`, which keeps the scaling at alpha / initial rank, as in training and in
+    the merge), then its values are copied in. An adapter missing from either side, a file rank below the injected
+    one or above `max_rank` (apt.max_rank_multiplier × apt.rank: was apt.rank changed?) or any other shape that does
+    not match is refused with the tensor's name.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the finetune stage first")
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise ValueError(f"{path}: adapter tensors {missing[:3]}... do not match the model (was apt.rank changed?)")
+    trainable = {name for name, param in params.items() if param.requires_grad}
+    unexpected, missing = sorted(set(tensors) - trainable), sorted(trainable - set(tensors))
+    if unexpected or missing:
+        raise ValueError(f"{path}: the adapters do not match the model (were apt.adapter_targets or apt.rank "
+                         f"changed?): in the file only {unexpected[:3]}, in the model only {missing[:3]}")
+    generator = torch.Generator().manual_seed(0)  # the new rows are overwritten below; keep the global RNG as it is
+    for name, adapter in named_adapters(model):
+        file_rank = tensors[f"{name}.lora_A"].shape[0]
+        if file_rank < adapter.rank:
+            raise ValueError(f"{path}: {name}.lora_A has rank {file_rank}, below the injected rank {adapter.rank} "
+                             f"(was apt.rank changed?); rerun the finetune stage")
+        if max_rank is not None and file_rank > max_rank:
+            raise ValueError(f"{path}: {name}.lora_A has rank {file_rank}, above the most rank growth gives "
+                             f"({max_rank} = apt.max_rank_multiplier × apt.rank; was apt.rank changed?); rerun the "
+                             f"finetune stage")
+        if file_rank > adapter.rank:
+            grow_rank(adapter, file_rank - adapter.rank, generator)
+    params = dict(model.named_parameters())  # growth made new parameter objects
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected = tuple(params[name].shape)

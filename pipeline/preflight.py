@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import corpus, tracking
+from pipeline.apt import shapes
 from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
 from pipeline.config import ConfigError, RunConfig
 
@@ -42,7 +43,13 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
         model_config, config_problems = checkpoint_config(cfg.model, cfg.data.seq_len)
         problems += config_problems + weight_problems(Path(cfg.model.path))
         vocab_size = model_config.get("vocab_size") if model_config else None
+        model_type = (model_config or {}).get("model_type")
+    else:
+        model_type = cfg.model.model_type
+    if (layout := layout_problem(cfg.pruning.layout, model_type)) is not None:
+        problems.append(layout)
     chat_template = False  # a trained or SentencePiece .model tokenizer has none
+    problems += target_shape_problems(cfg)
     if cfg.tokenizer.path is not None:
         chat_template, tokenizer_issues = inspect_tokenizer(cfg.tokenizer.path, vocab_size,
                                                             cfg.model.trust_remote_code)
@@ -87,6 +94,36 @@ def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
         return raw, [f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
                      f"({config.max_position_embeddings}, {config_path}); lower data.seq_len"]
     return raw, []
+
+
+def layout_problem(layout: str, model_type: str | None) -> str | None:
+    """Per-layer sizes export as `apt_llama` (transformers' per-layer LlamaConfig), for llama models only."""
+    if layout == "per_layer" and model_type not in (None, "llama"):
+        return (f"pruning.layout: per_layer is exported for llama models only, not {model_type}; "
+                f"use pruning.layout=uniform")
+    return None
+
+
+def target_shape_problems(cfg: RunConfig) -> list[str]:
+    """`pruning.target_shape` fits the model: no size above the model's, KV heads as `pruning.attention_mode`
+    keeps them (the config checked its form already)."""
+    if cfg.pruning.target_shape is None or (shape := model_shape(cfg.model)) is None:
+        return []  # an unreadable model is reported by checkpoint_config
+    problems = shapes.target_shape_problems(shape, cfg.pruning.target_shape, cfg.pruning.attention_mode)
+    return [f"pruning.target_shape: {problem}" for problem in problems]
+
+
+def model_shape(model) -> ModelShape | None:
+    """The shape of `model.path`'s checkpoint (None if it does not load), or of the model built from the config."""
+    if model.path is None:
+        return ModelShape(vocab_size=model.vocab_size or 1, hidden_size=model.hidden_size, num_layers=model.num_layers,
+                          num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+                          head_dim=model.hidden_size // model.num_heads, intermediate_size=model.intermediate_size,
+                          tie_word_embeddings=model.tie_word_embeddings, qkv_bias=model.model_type == "qwen2")
+    try:
+        return ModelShape.from_config(AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code))
+    except (OSError, ValueError):
+        return None
 
 
 def weight_problems(directory: Path) -> list[str]:

@@ -42,7 +42,7 @@ from pipeline.apt.compaction import (
     slice_masks,
     slice_scores,
 )
-from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
+from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, widen_hidden
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.apt.schedule import remaining_fraction
@@ -55,7 +55,9 @@ from pipeline.export import write_compacted_base
 from pipeline.layout import RunLayout
 from pipeline.model_io import load_base_model
 from pipeline.resume import ResumePoint, keep_global_batch, latest_meta, resume_point, write_meta
+from pipeline.shape_choice import ShapeChoice, choose_shape, describe, final_remaining
 from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
+from pipeline.teacher import DTYPES, SharedTeacher, load_teacher, materialize
 from pipeline.tracking import metric_logger
 from pipeline.training import (
     BatchOrder,
@@ -71,6 +73,9 @@ from pipeline.training import (
 )
 
 log = dist.get_logger("apt.finetune")
+
+SHAPE_SEED_OFFSET = 2_000_003
+"""The shape-choice batches come in their own order, not the next training batches."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -125,11 +130,16 @@ class AptFinetuneRecipe:
         else:
             self.engine = self.resume(model, resume_from)  # replaces the state with the checkpoint's
         set_masks(self.engine.module, self.state.masks)
+        self.teacher = self.resumed_teacher()
 
         train = self.train_cfg
         self.batches = BatchOrder(len(self.splits["train"]), train.micro_batch_size, train.grad_accum,
                                   self.world_size, self.rank, self.cfg.run.seed)
         self.metrics = metric_logger(self.layout.finetune)
+        shape_order = BatchOrder(len(self.splits["train"]), train.micro_batch_size, 1, self.world_size, self.rank,
+                                 self.cfg.run.seed + SHAPE_SEED_OFFSET)
+        self.shape_batches = [self.splits["train"][shape_order.indices(i, 0)]
+                              for i in range(self.cfg.pruning.shape_batches)]
         seq_len = self.splits["train"][0]["input_ids"].numel()
         self.tokens_per_step = train.micro_batch_size * train.grad_accum * self.world_size * seq_len
 
@@ -147,6 +157,14 @@ class AptFinetuneRecipe:
         self.salience = SalienceAccumulator(self.shape)
         self.salience.attach(model)
         return model
+
+    def resumed_teacher(self):
+        """The distillation teacher a checkpoint had: its own model after a compaction, else the shared one."""
+        state = self.state
+        if state.teacher_model is not None:
+            return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model, self.ds_config,
+                                self.layout.run_dir, self.cfg.run.seed, DTYPES[self.train_cfg.precision])
+        return None if state.teacher is None else SharedTeacher(state.teacher)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -173,15 +191,18 @@ class AptFinetuneRecipe:
     def train_step(self) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches; a step with an inf/NaN loss is dropped on every rank."""
         apt, state, accum = self.cfg.apt, self.state, self.train_cfg.grad_accum
-        grow_now = apt.grow_every > 0 and (state.step + 1) % apt.grow_every == 0
+        # No growth on the last step: ranks added there would never train, and the rebuild costs time.
+        next_step = state.step + 1
+        grow_now = apt.grow_every > 0 and next_step % apt.grow_every == 0 and next_step < self.train_cfg.steps
         if apt.distill and state.teacher is None and state.step >= self.cfg.pruning.start_step:
             state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param)  # collective
+            self.teacher = SharedTeacher(state.teacher)
         result = StepResult()
         for micro in range(accum):
             batch = self.splits["train"][self.batches.indices(state.step, micro)]
             self.salience.grad_scale = self.world_size * loss_scale(self.engine)
             sums_before = self.salience.pack()  # activations are summed during the forward; a bad one is rolled back
-            loss, task_loss = training_loss(self.engine, batch, state.teacher, self.salience, apt.distill_weight)
+            loss, task_loss = self.training_loss(batch)
             bad_ranks, loss_mean, task_loss_mean = reduce_losses(loss, task_loss)  # same on every rank
             if bad_ranks:
                 self.salience.load_packed(sums_before)
@@ -195,6 +216,24 @@ class AptFinetuneRecipe:
             result.objective_sum += loss_mean
         state.step += 1
         return result
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, causal-LM loss): the objective mixes in self-distillation once a teacher exists (design §5)."""
+        if self.teacher is None:
+            loss = self.engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            return loss, loss
+        self.salience.enabled = False  # the teacher's activations are not the student's salience
+        teacher_out = self.teacher.outputs(self.engine, batch["input_ids"])
+        self.salience.enabled = True
+        student_out = self.engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
+        alive = None if self.state.alive is None else self.state.alive.hidden_mask.nonzero().flatten()
+        student_hidden = widen_hidden(student_out.hidden_states, alive, self.original_shape.hidden_size)
+        layers = list(range(1, len(teacher_out.hidden_states)))
+        layer_map = match_layers(student_hidden, teacher_out.hidden_states, layers)
+        distill = distill_loss(student_out.logits, teacher_out.logits, student_hidden, teacher_out.hidden_states,
+                               layer_map)
+        weight = self.cfg.apt.distill_weight
+        return (1 - weight) * student_out.loss + weight * distill, student_out.loss
 
     def skip_step(self, bad_ranks: list[int]) -> None:
         """Drop this step if train.nonfinite and max_skipped_steps allow it; raise NonFiniteLoss otherwise."""
@@ -227,16 +266,26 @@ class AptFinetuneRecipe:
         """Inside the window, a salience update and a new target; masks move toward it. Returns ρ_t."""
         pruning, state = self.cfg.pruning, self.state
         rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
-                                 final=pruning.target_remaining)
+                                 final=final_remaining(pruning, self.original_shape))
         if updates.in_update_window(state.step, pruning):
             budget = physical_fraction(rho, self.original_shape, self.shape)
-            state.ema, state.target = updates.salience_update(self.salience, state, self.shape, budget, self.cfg.apt,
-                                                              pruning)
+            state.ema, state.target, shapes, choice = updates.salience_update(
+                self.salience, state, self.shape, budget, self.cfg.apt, pruning, measure=self.measure_shapes)
             if dist.is_main():
                 updates.save_update(self.layout.updates, state)
+                log_choice(state.step, self.shape, shapes, choice)
         state.masks = step_toward(state.masks, state.target, pruning.mask_step)
         set_masks(self.engine.module, state.masks)
         return rho
+
+    def measure_shapes(self, candidates: list[MaskSet]) -> ShapeChoice:
+        """Each candidate's held-out LM loss on the current model (forward only; collective)."""
+        self.salience.enabled = False  # candidate forwards are not the student's salience
+        try:
+            return choose_shape(self.engine, candidates, self.shape_batches,
+                                lambda masks: set_masks(self.engine.module, masks), restore=self.state.masks)
+        finally:
+            self.salience.enabled = True
 
     # ---- compaction --------------------------------------------------------------------------------------
 
@@ -255,6 +304,8 @@ class AptFinetuneRecipe:
     def cut(self, plan: CompactionPlan) -> None:
         """Slice the engine, its optimizer state, the masks, the EMA and the accumulator; write the smaller base."""
         started, state = time.perf_counter(), self.state
+        if isinstance(self.teacher, SharedTeacher):  # the cut would take blocks out of the teacher too
+            self.keep_teacher()
         self.engine = compact_engine(self.engine, plan, self.ds_config, optimizer_factory(self.train_cfg))
         state.masks, state.target = slice_masks(state.masks, plan), slice_masks(state.target, plan)
         state.ema = None if state.ema is None else slice_scores(state.ema, plan)
@@ -273,6 +324,17 @@ class AptFinetuneRecipe:
                  sizes["heads_before"], sizes["heads_after"], sizes["kv_heads_before"], sizes["kv_heads_after"],
                  sizes["neurons_before"], sizes["neurons_after"], sizes["params_before"], sizes["params_after"],
                  sizes["params_after"] / sizes["params_before"], time.perf_counter() - started)
+
+    def keep_teacher(self) -> None:
+        """Give the teacher a model of its own (the original base, frozen adapters merged) before the first cut."""
+        started, state = time.perf_counter(), self.state
+        state.teacher_model = "teacher"
+        self.teacher = materialize(self.teacher, self.cfg.model, self.layout.base_model,
+                                   self.layout.finetune / state.teacher_model, self.ds_config, self.layout.run_dir,
+                                   self.cfg.run.seed, self.cfg.apt.alpha / self.cfg.apt.rank,
+                                   DTYPES[self.train_cfg.precision])
+        log.info("distillation teacher written to %s before the first compaction (%.1fs)",
+                 self.layout.finetune / state.teacher_model, time.perf_counter() - started)
 
     def time_compaction(self) -> None:
         """Fill in the step time after the latest compaction: steps 2-4 after it (the first warms the new engine)."""
@@ -362,25 +424,26 @@ class AptFinetuneRecipe:
             write_atomic(self.layout.apt_state_json, json_state(state))
             save_tensors(adapters, self.layout.adapters)
         self.metrics.close()
+        if self.teacher is not None:
+            self.teacher.destroy()
         self.engine.destroy()
         return summary
 
 
-def training_loss(engine, batch: dict, teacher, salience: SalienceAccumulator, distill_weight: float):
-    """(objective, causal-LM loss): the objective mixes in self-distillation once a teacher exists (design §5)."""
-    if teacher is None:
-        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        return loss, loss
-    salience.enabled = False  # the teacher's activations are not the student's salience
-    with teacher_mode(engine.module, teacher):
-        teacher_out = engine(input_ids=batch["input_ids"], output_hidden_states=True)
-    salience.enabled = True
-    student_out = engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
-    layers = list(range(1, len(teacher_out.hidden_states)))
-    layer_map = match_layers(student_out.hidden_states, teacher_out.hidden_states, layers)
-    distill = distill_loss(student_out.logits, teacher_out.logits, student_out.hidden_states,
-                           teacher_out.hidden_states, layer_map)
-    return (1 - distill_weight) * student_out.loss + distill_weight * distill, student_out.loss
+def log_choice(step: int, shape: ModelShape, shapes: list, choice: ShapeChoice | None) -> None:
+    """The candidate shapes of one update and their measured losses, on rank 0."""
+    if choice is None:
+        return
+    for row in describe(shape, shapes, choice):
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        log.info("step %d shape candidate: hidden %d, heads %s, neurons %s (%.3f of this model): loss %s%s", step,
+                 row["hidden"], per_layer(row["heads"]), per_layer(row["neurons"]), row["remaining_fraction"], loss,
+                 " (chosen)" if row["chosen"] else "")
+
+
+def per_layer(sizes: list[int]):
+    """One number when every layer has it, else the list."""
+    return sizes[0] if len(set(sizes)) == 1 else sizes
 
 
 def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:

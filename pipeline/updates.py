@@ -1,4 +1,4 @@
-"""Pruning updates inside the window: one all-reduce of every rank's salience, EMA, the budget search.
+"""Pruning updates inside the window: one all-reduce of every rank's salience, EMA, the target search.
 
 Every rank ends an update with the same EMA and the same target masks; a checksum of each rank's masks travels in
 the same all-reduce, so ranks that have diverged fail the step instead of pruning different blocks.
@@ -6,6 +6,7 @@ the same all-reduce, so ranks that have diverged fail the step instead of prunin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from pipeline import dist
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator, ema_update
-from pipeline.apt.search import search_masks
 from pipeline.apt.state import AptState
+from pipeline.shape_choice import ShapeChoice, search_target
 from pipeline.stage import save_tensors
 
 
@@ -25,8 +26,12 @@ def in_update_window(step: int, pruning) -> bool:
     return pruning.start_step < step <= pruning.end_step and (step - pruning.start_step) % pruning.update_every == 0
 
 
-def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning):
-    """One all-reduce of every rank's sums and mask checksum; then EMA and the budget search, same on all ranks."""
+def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning,
+                    measure: Callable[[list[MaskSet]], ShapeChoice] | None = None):
+    """One all-reduce of every rank's sums and mask checksum; then EMA and the target search, same on all ranks.
+
+    `measure` scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
+    `pruning.shape_search=measured`. Returns (EMA, target masks, candidate shapes, the choice or None)."""
     world_size, rank = dist.world_size(), dist.rank()
     checksums = torch.zeros(world_size, dtype=torch.float64)
     checksums[rank] = mask_checksum(state.target)
@@ -39,9 +44,8 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
                            f"the ranks have diverged (non-deterministic search or corrupted state)")
     ema = ema_update(state.ema, salience.scores(), apt.salience_momentum)
     salience.reset()
-    target = search_masks(shape, ema, rho, attention_mode=pruning.attention_mode, layout=pruning.layout,
-                          round_to=pruning.round_to, min_hidden=pruning.min_hidden)
-    return ema, target
+    target, shapes, choice = search_target(shape, ema, rho, pruning, measure=measure)
+    return ema, target, shapes, choice
 
 
 def save_update(folder: Path, state: AptState) -> None:

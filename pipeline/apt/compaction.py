@@ -200,7 +200,7 @@ def slice_salience_sums(sums: dict[str, torch.Tensor], plan: CompactionPlan) -> 
     channels = {
         "attention": [head_channels(keep.heads, head_dim) for keep in plan.layers],
         "mlp": [keep.neurons for keep in plan.layers],
-        "hidden": [plan.hidden],
+        "hidden": [plan.hidden] * sums["hidden.count"].shape[0],  # every site row keeps the same channels
     }
     sliced = {}
     for block in BLOCKS:

@@ -104,3 +104,15 @@ def match_layers(
         first += int(torch.stack(errors).argmin())
         layer_map[i] = first
     return layer_map
+
+
+def widen_hidden(hidden_states: tuple[torch.Tensor, ...], channels: torch.Tensor | None,
+                 width: int) -> tuple[torch.Tensor, ...]:
+    """A compacted student's hidden states placed back at their channels of the original width (zeros elsewhere).
+
+    Before a compaction the pruned channels are zero in the student; putting them back as zeros keeps the
+    distillation loss, its gradient and the layer matching exactly what they were.
+    """
+    if channels is None or hidden_states[0].shape[-1] == width:
+        return hidden_states
+    return tuple(h.new_zeros(*h.shape[:-1], width).index_copy(-1, channels.to(h.device), h) for h in hidden_states)

@@ -3,7 +3,9 @@
 Per channel c of a block's activation H (taken before its mask, with ∂L/∂H of that same tensor):
 `S_c = Σ|∂L/∂H_c| · Σ|H_c| + sqrt(Kurt(H_c))`, Kurt = m4 / m2² (Pearson) of H itself — the seeds' form, not the
 official APT code's kurtosis of W_:j ∘ X_j — because raw moment sums merge exactly under one SUM all-reduce.
-Nothing is stored per token: hooks add to per-channel sums.
+A residual channel is scored at every sublayer output separately (one row of sums per site: o_proj and down_proj
+outputs, 2L sites, the embedding output not among them) and its score is the sum of the per-site scores, never a
+product of sums pooled over sites. Nothing is stored per token: hooks add to per-channel sums.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def power_sums(h: torch.Tensor) -> torch.Tensor:
 
 
 class SalienceAccumulator:
-    """Per-channel sums for the attention (o_proj input), mlp (down_proj input) and hidden (residual) blocks.
+    """Per-channel sums for the attention (o_proj input), mlp (down_proj input) and hidden (residual) blocks;
+    the hidden block has one row per sublayer output (`hidden_sites`).
 
     `attach(model)` hooks every `ChannelMask` of an APT-wrapped model; `pack()` gives one flat float64 buffer
     for a single SUM all-reduce, `load_packed()` takes the reduced buffer back. Collect without activation
@@ -87,7 +90,8 @@ class SalienceAccumulator:
         channels = {
             "attention": (shape.num_layers, shape.num_heads * shape.head_dim),
             "mlp": (shape.num_layers, shape.intermediate_size),
-            "hidden": (1, shape.hidden_size),  # one row: embedding and every sublayer output pooled
+            # One row per site: row 2l the attention output (o_proj) of layer l, row 2l + 1 its MLP output.
+            "hidden": (hidden_sites(shape), shape.hidden_size),
         }
         self.sums = {
             block: {
@@ -120,12 +124,14 @@ class SalienceAccumulator:
     # ---- hooks --------------------------------------------------------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
-        """Hook every mask site of an APT-wrapped model (`inject_adapters`)."""
+        """Hook every mask site of an APT-wrapped model (`inject_adapters`) but the embedding output's."""
         if self._handles:
             raise RuntimeError("the accumulator is already attached")
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, ChannelMask):
-                row = 0 if module.block == "hidden" else module.layer
+                row = _site_row(name, module)
+                if row is None:
+                    continue
                 hook = partial(self._on_mask_input, module.block, row)
                 self._handles.append(module.register_forward_pre_hook(hook))
         if not self._handles:
@@ -209,7 +215,30 @@ class SalienceAccumulator:
         return sums["grad_abs"] * sums["act_abs"] + kurtosis.clamp_min(0).sqrt()
 
     def scores(self) -> SalienceScores:
-        """Block salience: each query head sums its head_dim channels; neurons and hidden channels are single."""
+        """Block salience: a query head sums its head_dim channels, a residual channel its per-site scores."""
         shape = self.shape
         head = self.channel_scores("attention").view(shape.num_layers, shape.num_heads, shape.head_dim).sum(-1)
-        return SalienceScores(head=head, neuron=self.channel_scores("mlp"), hidden=self.channel_scores("hidden")[0])
+        hidden = self.channel_scores("hidden").sum(0)
+        return SalienceScores(head=head, neuron=self.channel_scores("mlp"), hidden=hidden)
+
+
+def hidden_sites(shape: ModelShape) -> int:
+    """Rows of hidden sums: the attention and the MLP output of every layer (docs/design.md §3)."""
+    return 2 * shape.num_layers
+
+
+def _site_row(name: str, module: ChannelMask) -> int | None:
+    """The accumulator row a mask site adds to; None for the embedding output, which is not a salience site.
+
+    Hidden sites are told apart by the projection they mask: `...o_proj.out_mask` (row 2l) and
+    `...down_proj.out_mask` (row 2l + 1), as `inject_adapters` names them.
+    """
+    if module.block != "hidden":
+        return module.layer
+    if module.layer is None:
+        return None
+    if name.endswith("o_proj.out_mask"):
+        return 2 * module.layer
+    if name.endswith("down_proj.out_mask"):
+        return 2 * module.layer + 1
+    raise ValueError(f"{name}: a hidden mask site that is neither an o_proj nor a down_proj output")

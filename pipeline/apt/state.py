@@ -36,6 +36,8 @@ class AptState:
     """After a compaction: 1 where a block of the ORIGINAL model is still in the training model."""
     base_model: str | None = None
     """After a compaction: the compacted base's folder inside finetune/ (masks, EMA, adapters follow its shape)."""
+    teacher_model: str | None = None
+    """With distillation, once the backbone was first compacted: the frozen teacher model's folder inside finetune/."""
 
     @classmethod
     def start(cls, shape: ModelShape, growth_budget: float) -> AptState:

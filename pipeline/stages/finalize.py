@@ -1,10 +1,12 @@
 """finalize: binary masks at the final target, exact budget, GQA-consistent, written with a report.
 
-How the fine-tune's masks enter: blocks the fine-tune pruned stay pruned (their adapters were trained
-without them). The budget search runs on the calibration salience with those blocks ranked last, and
-its result is intersected with the fine-tune's masks. When the fine-tune reached the target (it does,
-unless its window was cut short) the result is the fine-tune's masks, now checked against the exact
-budget; otherwise the calibration salience decides which further blocks go.
+Finalize has no model; it respects the shape the fine-tune reached. Blocks the fine-tune pruned stay pruned
+(their adapters were trained without them): the masks it starts from are intersected with the fine-tune's.
+With `pruning.shape_search: measured` (or a `pruning.target_shape`) they are the masks the salience stage chose
+by measured loss among shapes within the fine-tune's (`salience/shape.safetensors`); with `global`, the budget
+search on the calibration salience with the fine-tune's pruned blocks ranked last. When the fine-tune reached the
+target (it does, unless its window was cut short) either way gives the fine-tune's masks, now checked against the
+exact budget; otherwise the calibration salience (and, measured, the loss) decides which further blocks go.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from pipeline import dist
@@ -23,11 +26,14 @@ from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.config import FinalizeConfig
 from pipeline.layout import RunLayout, finetune_masks, salience_scores
+from pipeline.shape_choice import SHAPE_MASKS, final_remaining
 from pipeline.stage import save_tensors, write_atomic
 
 Config = FinalizeConfig
 PRUNED_SCORE = -1e30
 """Score given to blocks the fine-tune pruned: finite (no inf arithmetic), below any real salience."""
+BUDGET_TOLERANCE = 0.01
+"""A result further than this below the target remaining fraction is logged as a warning."""
 
 log = dist.get_logger("apt.finalize")
 
@@ -38,29 +44,31 @@ def run(cfg: FinalizeConfig, run_dir: Path) -> dict:
     original, shape = (ModelShape.from_config(AutoConfig.from_pretrained(
         str(directory), trust_remote_code=cfg.model.trust_remote_code))
         for directory in (layout.base_model, layout.tuned_base))
-    budget = physical_fraction(pruning.target_remaining, original, shape)
+    target = final_remaining(pruning, original)
     trained = finetune_masks(layout)
     trained.check_gqa(shape, pruning.attention_mode)
-    scores = salience_scores(layout)
-    ranked = {
-        "head": scores["head"].masked_fill(trained.head_mask == 0, PRUNED_SCORE),
-        "neuron": scores["neuron"].masked_fill(trained.neuron_mask == 0, PRUNED_SCORE),
-        "hidden": scores["hidden"].masked_fill(trained.hidden_mask == 0, PRUNED_SCORE),
-    }
-    searched = search_masks(shape, ranked, budget, attention_mode=pruning.attention_mode,
-                            layout=pruning.layout, round_to=pruning.round_to, min_hidden=pruning.min_hidden)
+    if pruning.shape_search == "global" and pruning.target_shape is None:
+        chosen = searched_masks(pruning, shape, physical_fraction(target, original, shape), trained,
+                                salience_scores(layout))
+    else:
+        chosen = measured_masks(layout, shape, pruning.attention_mode)
+    # Blocks the fine-tune pruned stay pruned: their adapters were trained without them.
     masks = MaskSet(**{name: torch.minimum(a, b) for (name, a), b in
-                       zip(searched.to_dict().items(), trained.to_dict().values(), strict=True)})
+                       zip(chosen.to_dict().items(), trained.to_dict().values(), strict=True)})
     masks.check_gqa(shape, pruning.attention_mode)
 
     total = total_params(original)
     kept = kept_sizes(masks)
     remaining = remaining_params(shape, kept)
-    if remaining > pruning.target_remaining * total:
+    if remaining > target * total:
         raise RuntimeError(f"finalize: masks keep {remaining} of {total} parameters, above the target "
-                           f"{pruning.target_remaining}; the fine-tune's masks do not fit the budget")
+                           f"{target}; the fine-tune's masks do not fit the budget")
+    if target - remaining / total > BUDGET_TOLERANCE:
+        log.warning("finalize: %.4f of the parameters kept, more than %.2f below the target %.4f (the fine-tune "
+                    "pruned past it, or the model's granularity allows no closer shape)", remaining / total,
+                    BUDGET_TOLERANCE, target)
     report = {
-        "target_remaining": pruning.target_remaining,
+        "target_remaining": target,
         "remaining_params": remaining,
         "total_params": total,
         "remaining_fraction": remaining / total,
@@ -70,15 +78,37 @@ def run(cfg: FinalizeConfig, run_dir: Path) -> dict:
         "kept_neurons": list(kept.neurons),
         "layout": pruning.layout,
         "attention_mode": pruning.attention_mode,
+        "shape_search": pruning.shape_search if pruning.target_shape is None else "target_shape",
         "changed_from_finetune": not all(torch.equal(a, b) for a, b in
                                          zip(masks.to_dict().values(), trained.to_dict().values(), strict=True)),
     }
     save_tensors(masks.to_dict(), layout.final_masks)
     write_atomic(layout.finalize / "masks.json", json.dumps(report, indent=2))
     plot_masks(shape, masks, layout.finalize / "masks.png")
-    log.info("finalize: %d of %d parameters kept (%.3f, target %.3f)", remaining, total, remaining / total,
-             pruning.target_remaining)
+    log.info("finalize: %d of %d parameters kept (%.3f, target %.3f)", remaining, total, remaining / total, target)
     return {k: report[k] for k in ("remaining_params", "total_params", "remaining_fraction", "kept_hidden")}
+
+
+def searched_masks(pruning, shape: ModelShape, budget: float, trained: MaskSet, scores: dict) -> MaskSet:
+    """`pruning.shape_search: global`: one density list, the fine-tune's pruned blocks ranked below any other."""
+    ranked = {
+        "head": scores["head"].masked_fill(trained.head_mask == 0, PRUNED_SCORE),
+        "neuron": scores["neuron"].masked_fill(trained.neuron_mask == 0, PRUNED_SCORE),
+        "hidden": scores["hidden"].masked_fill(trained.hidden_mask == 0, PRUNED_SCORE),
+    }
+    return search_masks(shape, ranked, budget, attention_mode=pruning.attention_mode, layout=pruning.layout,
+                        round_to=pruning.round_to, min_hidden=pruning.min_hidden)
+
+
+def measured_masks(layout: RunLayout, shape: ModelShape, attention_mode: str) -> MaskSet:
+    """The masks the salience stage chose by measured loss (it has the model; finalize does not)."""
+    path = layout.salience.parent / SHAPE_MASKS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pruning.shape_search=measured (or a pruning.target_shape) needs "
+                                f"the salience stage to choose the shape: rerun it")
+    masks = MaskSet.from_dict(load_file(str(path)))
+    masks.check_gqa(shape, attention_mode)
+    return masks
 
 
 def plot_masks(shape: ModelShape, masks: MaskSet, path: Path) -> None:

@@ -2,27 +2,32 @@
 
 Every rank accumulates the salience sums of its share of `salience.batches` global batches (forward and
 backward, no optimizer step); one SUM all-reduce merges them, so every rank holds what one process
-would have computed on all the data. Rank 0 writes `salience/salience.safetensors`.
+would have computed on all the data. Rank 0 writes `salience/salience.safetensors`. With
+`pruning.shape_search: measured` (or a `pruning.target_shape`) the final shape is then chosen here, where the model
+is, by measured calibration loss; `salience/shape.safetensors` holds its masks and `shape.json` every candidate.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import dist
 from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
+from pipeline.apt.compaction import physical_fraction
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
 from pipeline.layout import RunLayout, finetune_masks
 from pipeline.model_io import load_adapters, load_base_model
-from pipeline.stage import save_tensors
+from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
+from pipeline.stage import save_tensors, write_atomic
 from pipeline.training import BatchOrder, build_engine, loss_scale
 
 Config = SalienceConfig
@@ -44,7 +49,8 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
                             directory=layout.tuned_base)
     shape = ModelShape.from_config(model.config)
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha)
-    load_adapters(model, layout.adapters)
+    # Injected at the initial rank (so s = alpha / apt.rank, as in training and the merge), grown to the file's ranks.
+    load_adapters(model, layout.adapters, max_rank=cfg.apt.max_rank_multiplier * cfg.apt.rank)
     set_masks(model, finetune_masks(layout))
     accumulator = SalienceAccumulator(shape)
     accumulator.attach(model)
@@ -71,6 +77,39 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
         tensors |= {"scores.head": scores.head, "scores.neuron": scores.neuron, "scores.hidden": scores.hidden,
                     "tokens": flat[-1:]}
         save_tensors(tensors, layout.salience)
+    choose_final_shape(cfg, layout, engine, shape, scores, lambda index: train_split[batches.indices(index, 0)])
     engine.destroy()
     return {"batches": cfg.salience.batches, "tokens": int(flat[-1].item()), "world_size": world_size}
 
+
+def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: ModelShape, scores, batch_at) -> None:
+    """The final masks by measured loss (docs/design.md §4), written next to the salience for finalize.
+
+    Only with `pruning.shape_search: measured` (or a `pruning.target_shape`). The candidates keep what the fine-tune
+    kept at most (its pruned blocks stay pruned); each is scored on the `pruning.shape_batches` global batches that
+    follow the salience batches in the calibration order, which the salience sums did not see. Collective.
+    """
+    pruning = cfg.pruning
+    if pruning.shape_search == "global" and pruning.target_shape is None:
+        return
+    original = ModelShape.from_config(AutoConfig.from_pretrained(str(layout.base_model),
+                                                                 trust_remote_code=cfg.model.trust_remote_code))
+    budget = physical_fraction(final_remaining(pruning, original), original, shape)
+    trained = finetune_masks(layout)
+    held_out = [batch_at(cfg.salience.batches + index) for index in range(pruning.shape_batches)]
+
+    def measure(candidates):
+        return choose_shape(engine, candidates, held_out, lambda masks: set_masks(engine.module, masks),
+                            restore=trained)
+
+    masks, shapes, choice = search_target(shape, scores, budget, pruning, measure=measure, alive=trained)
+    rows = describe(shape, shapes, choice)
+    if dist.is_main():
+        folder = layout.salience.parent
+        save_tensors(masks.to_dict(), folder / SHAPE_MASKS)
+        write_atomic(folder / SHAPE_REPORT, json.dumps({"remaining_fraction": budget, "candidates": rows}, indent=2))
+    for row in rows:
+        log.info("shape candidate: hidden %d, heads %s, neurons %s: %.4f of the parameters, loss %s%s", row["hidden"],
+                 row["heads"][0] if len(set(row["heads"])) == 1 else row["heads"],
+                 row["neurons"][0] if len(set(row["neurons"])) == 1 else row["neurons"], row["remaining_fraction"],
+                 "-" if row["loss"] is None else f"{row['loss']:.4f}", " (chosen)" if row["chosen"] else "")

@@ -18,6 +18,7 @@ LIMIT = 64 << 10
 TWO_STAGES = """
 import sys
 from pipeline import cli, run
+from pipeline.config import FinalizeConfig, PrepConfig
 from pipeline.stage import write_atomic
 
 
@@ -31,7 +32,7 @@ def big(cfg, run_dir):
     return {}
 
 
-run.STAGES = (run.Stage("small", ("data",), (), small), run.Stage("big", ("train",), ("small",), big))
+run.STAGES = (run.Stage("small", PrepConfig, (), small), run.Stage("big", FinalizeConfig, ("small",), big))
 root = sys.argv[1]
 assert cli.main(["stage", "small", f"run.root={root}"]) == 0
 sys.exit(cli.main(["stage", "big", f"run.root={root}"]))

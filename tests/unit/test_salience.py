@@ -5,7 +5,7 @@ import math
 import pytest
 import scipy.stats
 import torch
-from builders import make_shape
+from builders import make_shape, train_like
 
 from pipeline.apt.adapters import APTLinear, inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
@@ -162,19 +162,46 @@ def test_hooks_sum_pre_mask_activations_and_their_gradients(tiny_model, input_id
             torch.testing.assert_close(sums["sum2"][layer], (h**2).sum(0), rtol=1e-12, atol=0)
             torch.testing.assert_close(sums["sum3"][layer], (h**3).sum(0), rtol=1e-12, atol=1e-15)
             assert sums["count"][layer] == h.shape[0] == input_ids.numel()
-    hidden = torch.cat(flat(captured["hidden"]))
-    hidden_grad = torch.cat(flat(t.grad for t in captured["hidden"]))
+    # Hidden sums: one row per sublayer output, in forward order (o_proj then down_proj of every layer); the
+    # embedding output (captured first) is not a salience site (docs/design.md §3).
     assert len(captured["hidden"]) == 1 + 2 * shape.num_layers
+    sites = captured["hidden"][1:]
     sums = accumulator.sums["hidden"]
-    torch.testing.assert_close(sums["act_abs"][0], hidden.abs().sum(0), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(sums["grad_abs"][0], hidden_grad.abs().sum(0), rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(sums["sum4"][0], (hidden**4).sum(0), rtol=1e-12, atol=0)
-    assert sums["count"][0] == hidden.shape[0]
+    assert sums["act_abs"].shape == (2 * shape.num_layers, shape.hidden_size)
+    for row, (h, g) in enumerate(zip(flat(sites), flat(t.grad for t in sites), strict=True)):
+        torch.testing.assert_close(sums["act_abs"][row], h.abs().sum(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(sums["grad_abs"][row], g.abs().sum(0), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(sums["sum4"][row], (h**4).sum(0), rtol=1e-12, atol=0)
+        assert sums["count"][row] == h.shape[0] == input_ids.numel()
     assert all(accumulator.sums[block]["grad_abs"].sum() > 0 for block in ("attention", "mlp", "hidden"))
 
 
-def test_frozen_embedding_output_still_gets_its_gradient(tiny_model, input_ids):
+def test_hidden_score_sums_per_site_scores_on_a_tiny_model(tiny_model, input_ids):
+    """S_c = Σ_sites (Σ|∂L/∂H_s,c|·Σ|H_s,c| + sqrt(Kurt(H_s,c))), computed here directly from the captured
+    sublayer outputs, with kurtosis from scipy: a sum of per-site products, not a product of pooled sums."""
     model, shape = _captured_model(tiny_model)
+    accumulator = SalienceAccumulator(shape)
+    accumulator.attach(model)
+    captured = _capture(model)
+    model(input_ids, labels=input_ids).loss.backward()
+
+    expected = torch.zeros(shape.hidden_size, dtype=torch.float64)
+    for site in captured["hidden"][1:]:
+        h = site.detach().double().reshape(-1, shape.hidden_size)
+        g = site.grad.double().reshape(-1, shape.hidden_size)
+        kurtosis = torch.from_numpy(scipy.stats.kurtosis(h.numpy(), axis=0, fisher=False))
+        expected += g.abs().sum(0) * h.abs().sum(0) + kurtosis.sqrt()
+    torch.testing.assert_close(accumulator.scores().hidden, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_frozen_embedding_output_still_gets_its_gradient(tiny_model, input_ids):
+    # No attention adapters: with the embedding frozen, nothing upstream of layer 0's o_proj input and output
+    # trains, so only the hook's leaf makes their gradients exist.
+    model = tiny_model("llama", num_kv_heads=2, num_layers=2)
+    inject_adapters(model, targets=["up_proj", "down_proj"], rank=2, alpha=4.0)
+    train_like(model)
+    shape = ModelShape.from_config(model.config)
+    model.model.embed_tokens.weight.requires_grad_(True)
     trainable, frozen = SalienceAccumulator(shape), SalienceAccumulator(shape)
     trainable.attach(model)
     model(input_ids, labels=input_ids).loss.backward()
@@ -183,6 +210,7 @@ def test_frozen_embedding_output_still_gets_its_gradient(tiny_model, input_ids):
     frozen.attach(model)
     model(input_ids, labels=input_ids).loss.backward()
     torch.testing.assert_close(frozen.pack(), trainable.pack(), rtol=1e-6, atol=1e-12)
+    assert bool((frozen.sums["hidden"]["grad_abs"][0] > 0).all())  # layer 0's attention output
 
 
 def test_grad_scale_switch_and_detach(tiny_model, input_ids):

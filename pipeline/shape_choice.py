@@ -1,0 +1,166 @@
+"""The shape chosen by measured loss (docs/design.md §4): each candidate's masks on the model, forward only.
+
+`choose_shape` sets every candidate's binary masks on the (masked = sliced) model in turn and takes the mean
+causal-LM loss over the same calibration batches, without gradients; one SUM all-reduce of the per-candidate loss
+and token sums makes every rank pick the same candidate. `search_target` is what a pruning update or the salience
+stage calls: the target masks for a budget under `pruning.shape_search` (and `pruning.target_shape`). torch and
+torch.distributed only, so the finetune recipe (an engine whose forward takes input_ids / labels) and the salience
+stage both use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes
+from pipeline.apt.masks import MaskSet
+from pipeline.apt.search import search_masks
+from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
+
+IGNORE_INDEX = -100
+"""Label of tokens the causal-LM loss leaves out (transformers' convention)."""
+SHAPE_MASKS = "shape.safetensors"
+"""Inside salience/: the masks the measured choice (or the path to pruning.target_shape) gave; finalize reads them."""
+SHAPE_REPORT = "shape.json"
+"""Inside salience/: every candidate's sizes, remaining fraction and measured loss, and which was chosen."""
+
+
+@dataclass(frozen=True)
+class ShapeChoice:
+    """Which candidate won, and every candidate's mean loss over all ranks' tokens (inf where not finite)."""
+
+    index: int
+    losses: tuple[float, ...]
+    tokens: int
+    """Tokens each candidate was scored on, over all ranks (0 when there was nothing to choose)."""
+
+
+def choose_shape(
+    model,
+    candidates: Sequence[MaskSet],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    set_masks_fn: Callable[[MaskSet], None],
+    *,
+    restore: MaskSet | None = None,
+) -> ShapeChoice:
+    """The candidate whose masks give the lowest mean LM loss on `batches` (forward only, eval mode, no grad).
+
+    `model(input_ids=..., labels=...)` must return `.loss` (a HF causal LM or a DeepSpeed engine around one);
+    `set_masks_fn(masks)` puts masks on it (e.g. `lambda m: set_masks(engine.module, m)`); `restore` is set back
+    afterwards. Every rank must call this with the same candidates and the same number of batches (its own share):
+    loss and token sums travel in ONE all-reduce when a process group is initialized, so all ranks get the same
+    means and the same choice; equal means go to the lower index. A single candidate is returned without a forward.
+    """
+    if not candidates:
+        raise ValueError("no candidate shapes to choose from")
+    if len(candidates) == 1:
+        return ShapeChoice(index=0, losses=(math.nan,), tokens=0)
+    if not batches:
+        raise ValueError("choosing between shapes needs at least one calibration batch")
+    sums = torch.zeros(2 * len(candidates), dtype=torch.float64)
+    was_training = model.training
+    model.eval()  # no adapter dropout: every candidate sees the same function of its masks
+    try:
+        with torch.no_grad():
+            for index, masks in enumerate(candidates):
+                set_masks_fn(masks)
+                for batch in batches:
+                    loss_sum, tokens = _batch_loss(model, batch)
+                    sums[2 * index] += loss_sum
+                    sums[2 * index + 1] += tokens
+    finally:
+        model.train(was_training)
+        if restore is not None:
+            set_masks_fn(restore)
+    sums = _all_reduce_sum(sums)
+    losses = tuple(_mean(float(sums[2 * i]), float(sums[2 * i + 1])) for i in range(len(candidates)))
+    best = min(range(len(candidates)), key=lambda i: (losses[i], i))
+    return ShapeChoice(index=best, losses=losses, tokens=int(sums[1]))
+
+
+def _batch_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+    """(loss × scored tokens, scored tokens) of one batch: the mean loss weighted back into a sum."""
+    input_ids = batch["input_ids"]
+    labels = batch.get("labels", input_ids)
+    loss = model(input_ids=input_ids, labels=labels).loss
+    tokens = int((labels[..., 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+    return float(loss.double()) * tokens, tokens
+
+
+def _all_reduce_sum(sums: torch.Tensor) -> torch.Tensor:
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return sums
+    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
+    reduced = sums.to(device)
+    torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def _mean(loss_sum: float, tokens: float) -> float:
+    mean = loss_sum / tokens if tokens > 0 else math.inf
+    return mean if math.isfinite(mean) else math.inf
+
+
+# ---- what the pruning updates and the salience stage call ----------------------------------------------------
+
+
+def target_kept(pruning, shape: ModelShape) -> KeptSizes | None:
+    """`pruning.target_shape` (hidden, heads, kv_heads, intermediate) as kept sizes of `shape`; None if unset."""
+    if pruning.target_shape is None:
+        return None
+    return uniform_shape(shape, *pruning.target_shape)
+
+
+def final_remaining(pruning, original: ModelShape) -> float:
+    """The fraction the schedule ends at: `pruning.target_shape`'s, when one is set, else `target_remaining`."""
+    target = target_kept(pruning, original)
+    return pruning.target_remaining if target is None else shape_fraction(original, target)
+
+
+def search_target(
+    shape: ModelShape,
+    scores,
+    rho: float,
+    pruning,
+    *,
+    measure: Callable[[list[MaskSet]], ShapeChoice] | None = None,
+    alive: MaskSet | None = None,
+) -> tuple[MaskSet, list[KeptSizes], ShapeChoice | None]:
+    """Binary target masks at remaining fraction `rho` of `shape` (the physical one), by `pruning.shape_search`.
+
+    global: today's single density list (`search_masks`). measured: `candidate_shapes` (each type ranked only
+    within itself, `pruning.shape_candidates` of them), masks of each by `masks_for_shape`, and `measure(masks)`
+    (e.g. `lambda m: choose_shape(engine, m, batches, set_fn, restore=current)`) picks one; without `measure` the
+    first candidate (the even split) is taken. With `pruning.target_shape` the one candidate is the path to that
+    shape. `alive` keeps pruned blocks pruned while the budget allows (finalize). Returns the masks, the candidate
+    shapes and the choice (None where nothing was measured).
+    """
+    target = target_kept(pruning, shape)
+    options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
+    if pruning.shape_search == "global" and target is None:
+        masks = search_masks(shape, scores, rho, round_to=pruning.round_to, min_hidden=pruning.min_hidden, **options)
+        return masks, [kept_sizes(masks)], None
+    shapes = candidate_shapes(shape, rho, scores=scores, round_to=pruning.round_to, min_hidden=pruning.min_hidden,
+                              count=pruning.shape_candidates, alive=alive, target=target, **options)
+    candidates = [masks_for_shape(shape, scores, kept, alive=alive, **options) for kept in shapes]
+    if len(candidates) == 1 or measure is None:
+        return candidates[0], shapes, None
+    choice = measure(candidates)
+    return candidates[choice.index], shapes, choice
+
+
+def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice | None) -> list[dict]:
+    """One row per candidate for logs and reports: sizes, remaining fraction, measured loss, whether chosen."""
+    rows = []
+    for index, kept in enumerate(shapes):
+        loss = None if choice is None else choice.losses[index]
+        rows.append({"hidden": kept.hidden, "heads": list(kept.heads), "kv_heads": list(kept.kv_heads),
+                     "neurons": list(kept.neurons), "remaining_fraction": shape_fraction(shape, kept),
+                     "loss": loss if loss is not None and math.isfinite(loss) else None,
+                     "chosen": index == (0 if choice is None else choice.index)})
+    return rows

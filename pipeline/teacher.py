@@ -1,0 +1,94 @@
+"""The self-distillation teacher: the model as it was when pruning started, every block in, adapters frozen.
+
+Until the first compaction the teacher shares the student's backbone (`teacher_mode`: the frozen adapters and every
+mask at one, for one forward), which costs only the adapter copies. A compaction cuts blocks out of that backbone,
+so just before the first one the teacher becomes a model of its own: the original base with the frozen adapters
+merged in, written once by the streaming export and loaded like the base (under ZeRO-3 partitioned, behind an
+engine without an optimizer). Both forms compute the same function, so the switch leaves the teacher as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import AutoConfig
+
+from pipeline import dist
+from pipeline.apt.blocks import ModelShape
+from pipeline.apt.distill import TeacherAdapters, teacher_mode
+from pipeline.apt.masks import MaskSet
+from pipeline.ds_config import zero_stage
+from pipeline.export import export_pruned
+from pipeline.model_io import load_base_model
+from pipeline.stage import save_tensors
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""`train.precision` -> the dtype the teacher is stored and run in (the student's compute dtype)."""
+
+
+class SharedTeacher:
+    """The student's own backbone with the frozen adapters and no masks, for one forward at a time."""
+
+    def __init__(self, adapters: TeacherAdapters):
+        self.adapters = adapters
+
+    def outputs(self, engine, input_ids: torch.Tensor):
+        with teacher_mode(engine.module, self.adapters):
+            return engine(input_ids=input_ids, output_hidden_states=True)
+
+    def destroy(self) -> None:
+        pass
+
+
+class FrozenTeacher:
+    """A separate frozen model of the original shape (a module, or a ZeRO-3 engine that gathers its partitions)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def outputs(self, engine, input_ids: torch.Tensor):
+        return self.model(input_ids=input_ids, output_hidden_states=True)
+
+    def destroy(self) -> None:
+        if isinstance(self.model, deepspeed.DeepSpeedEngine):
+            self.model.destroy()
+
+
+def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scaling: float, dtype: torch.dtype,
+                  trust_remote_code: bool) -> None:
+    """The original base with the frozen adapters folded in, every block kept (rank 0; streamed per layer)."""
+    adapters_file = out_dir.with_name(f".{out_dir.name}-adapters.safetensors")
+    tensors = {}
+    for name, (lora_a, lora_b) in adapters.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = lora_a.float(), lora_b.float()
+    save_tensors(tensors, adapters_file)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code))
+    export_pruned(base_dir=base_dir, adapters_path=adapters_file, masks=MaskSet.ones(shape), scaling=scaling,
+                  dtype=dtype, out_dir=out_dir, trust_remote_code=trust_remote_code)
+    adapters_file.unlink()
+
+
+def load_teacher(model_cfg, directory: Path, ds_config: dict, run_dir: Path, seed: int,
+                 dtype: torch.dtype) -> FrozenTeacher:
+    """The written teacher, frozen; under ZeRO-3 partitioned like the student (every rank calls this)."""
+    model = load_base_model(model_cfg, 0, ds_config, run_dir, seed, directory=directory)
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage(ds_config) != 3:
+        return FrozenTeacher(model.to(dtype))
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)  # no optimizer: it only gathers for forward
+    engine.eval()
+    return FrozenTeacher(engine)
+
+
+def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, ds_config: dict, run_dir: Path,
+                seed: int, scaling: float, dtype: torch.dtype) -> FrozenTeacher:
+    """Turn the shared teacher into its own model before a compaction cuts the backbone (collective)."""
+    if dist.is_main():
+        write_teacher(shared.adapters, base_dir, out_dir, scaling, dtype, model_cfg.trust_remote_code)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank reads what rank 0 wrote
+    return load_teacher(model_cfg, out_dir, ds_config, run_dir, seed, dtype)

@@ -2,11 +2,12 @@
 
 Runs on every rank (the driver starts it with the `deepspeed` launcher). Each step: forward/backward with salience
 hooks accumulating on every rank, optimizer step, masks move one `mask_step` toward their targets. Every
-`pruning.update_every` steps inside the window: ONE all-reduce of the packed salience sums, EMA, budget search at
-the cubic schedule's ρ_t (`pipeline.updates`). Every `apt.grow_every` steps the most salient adapters grow. Blocks
-whose mask and target reached 0 are cut out of the model (compaction). Checkpoints hold only trainable weights plus
-the APT state; a restart resumes from `latest`, on the same number of ranks or (through a DeepSpeed universal
-checkpoint) on another one with the same global batch.
+`pruning.update_every` steps inside the window: one all-reduce of the packed salience sums, EMA, and a target at
+the cubic schedule's ρ_t whose shape is chosen by held-out loss (`pipeline.updates`). Every `apt.grow_every` steps
+the most salient adapters grow. Once distillation starts, a teacher frozen at the window's start pulls the student.
+Blocks whose mask and target reached 0 are cut out of the model (compaction). Checkpoints hold only trainable
+weights plus the APT state; a restart resumes from `latest`, on the same number of ranks or (through a DeepSpeed
+universal checkpoint) on another one with the same global batch.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pipeline.apt.compaction import (
     slice_masks,
     slice_scores,
 )
-from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, widen_hidden
+from pipeline.apt.distill import distill_objective, freeze_adapters
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.apt.schedule import remaining_fraction
@@ -227,13 +228,7 @@ class AptFinetuneRecipe:
         self.salience.enabled = True
         student_out = self.engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
         alive = None if self.state.alive is None else self.state.alive.hidden_mask.nonzero().flatten()
-        student_hidden = widen_hidden(student_out.hidden_states, alive, self.original_shape.hidden_size)
-        layers = list(range(1, len(teacher_out.hidden_states)))
-        layer_map = match_layers(student_hidden, teacher_out.hidden_states, layers)
-        distill = distill_loss(student_out.logits, teacher_out.logits, student_hidden, teacher_out.hidden_states,
-                               layer_map)
-        weight = self.cfg.apt.distill_weight
-        return (1 - weight) * student_out.loss + weight * distill, student_out.loss
+        return distill_objective(student_out, teacher_out, self.cfg.apt.distill_weight, alive), student_out.loss
 
     def skip_step(self, bad_ranks: list[int]) -> None:
         """Drop this step if train.nonfinite and max_skipped_steps allow it; raise NonFiniteLoss otherwise."""

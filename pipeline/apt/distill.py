@@ -116,3 +116,17 @@ def widen_hidden(hidden_states: tuple[torch.Tensor, ...], channels: torch.Tensor
     if channels is None or hidden_states[0].shape[-1] == width:
         return hidden_states
     return tuple(h.new_zeros(*h.shape[:-1], width).index_copy(-1, channels.to(h.device), h) for h in hidden_states)
+
+
+def distill_objective(student_out, teacher_out, weight: float, channels: torch.Tensor | None = None) -> torch.Tensor:
+    """`(1 − weight)·task + weight·distill` from the student's and the teacher's outputs (with hidden states).
+
+    `channels`: a compacted student's surviving hidden channels in the teacher's width (None: same width).
+    """
+    width = teacher_out.hidden_states[0].shape[-1]
+    student_hidden = widen_hidden(student_out.hidden_states, channels, width)
+    layers = list(range(1, len(teacher_out.hidden_states)))
+    layer_map = match_layers(student_hidden, teacher_out.hidden_states, layers)
+    distill = distill_loss(student_out.logits, teacher_out.logits, student_hidden, teacher_out.hidden_states,
+                           layer_map)
+    return (1 - weight) * student_out.loss + weight * distill

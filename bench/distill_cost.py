@@ -163,7 +163,7 @@ def report(args, command: str, rounds: list[dict], sizes: dict) -> tuple[str, di
              f"{sizes['teacher_bytes'] / sizes['student_dense_bytes']:.2f}× the dense student's "
              f"{sizes['student_dense_bytes'] * mb:.1f} MB, "
              f"{sizes['teacher_bytes'] / sizes['student_compacted_bytes']:.2f}× the compacted student's), "
-             "per rank under ZeRO-1/2 and 1/N of it per rank under ZeRO-3."]
+             "on every rank whatever the ZeRO stage (the teacher is not partitioned, docs/design.md §5)."]
     return "\n".join(lines) + "\n", result
 
 

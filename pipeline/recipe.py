@@ -163,8 +163,8 @@ class AptFinetuneRecipe:
         """The distillation teacher a checkpoint had: its own model after a compaction, else the shared one."""
         state = self.state
         if state.teacher_model is not None:
-            return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model, self.ds_config,
-                                self.layout.run_dir, self.cfg.run.seed, DTYPES[self.train_cfg.precision])
+            return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model, self.layout.run_dir,
+                                self.cfg.run.seed, DTYPES[self.train_cfg.precision])
         return None if state.teacher is None else SharedTeacher(state.teacher)
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class AptFinetuneRecipe:
         started, state = time.perf_counter(), self.state
         state.teacher_model = "teacher"
         self.teacher = materialize(self.teacher, self.cfg.model, self.layout.base_model,
-                                   self.layout.finetune / state.teacher_model, self.ds_config, self.layout.run_dir,
+                                   self.layout.finetune / state.teacher_model, self.layout.run_dir,
                                    self.cfg.run.seed, self.cfg.apt.alpha / self.cfg.apt.rank,
                                    DTYPES[self.train_cfg.precision])
         log.info("distillation teacher written to %s before the first compaction (%.1fs)",

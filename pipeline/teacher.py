@@ -3,15 +3,14 @@
 Until the first compaction the teacher shares the student's backbone (`teacher_mode`: the frozen adapters and every
 mask at one, for one forward), which costs only the adapter copies. A compaction cuts blocks out of that backbone,
 so just before the first one the teacher becomes a model of its own: the original base with the frozen adapters
-merged in, written once by the streaming export and loaded like the base (under ZeRO-3 partitioned, behind an
-engine without an optimizer). Both forms compute the same function, so the switch leaves the teacher as it was.
+merged in, written once by the streaming export and loaded frozen, whole on every rank. Both forms compute the same
+function, so the switch leaves the teacher as it was.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed
 import torch
 from transformers import AutoConfig
 
@@ -19,7 +18,6 @@ from pipeline import dist
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.distill import TeacherAdapters, teacher_mode
 from pipeline.apt.masks import MaskSet
-from pipeline.ds_config import zero_stage
 from pipeline.export import export_pruned
 from pipeline.model_io import load_base_model
 from pipeline.stage import save_tensors
@@ -43,7 +41,7 @@ class SharedTeacher:
 
 
 class FrozenTeacher:
-    """A separate frozen model of the original shape (a module, or a ZeRO-3 engine that gathers its partitions)."""
+    """A separate frozen model of the original shape."""
 
     def __init__(self, model):
         self.model = model
@@ -53,8 +51,7 @@ class FrozenTeacher:
         return self.model(input_ids=input_ids, output_hidden_states=True)
 
     def destroy(self) -> None:
-        if isinstance(self.model, deepspeed.DeepSpeedEngine):
-            self.model.destroy()
+        self.model = None
 
 
 def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scaling: float, dtype: torch.dtype,
@@ -71,24 +68,22 @@ def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scal
     adapters_file.unlink()
 
 
-def load_teacher(model_cfg, directory: Path, ds_config: dict, run_dir: Path, seed: int,
-                 dtype: torch.dtype) -> FrozenTeacher:
-    """The written teacher, frozen; under ZeRO-3 partitioned like the student (every rank calls this)."""
-    model = load_base_model(model_cfg, 0, ds_config, run_dir, seed, directory=directory)
+def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: torch.dtype) -> FrozenTeacher:
+    """The written teacher, frozen and whole on every rank, in the training dtype (every rank calls this).
+
+    Not partitioned under ZeRO-3: a second ZeRO-3 engine beside the student's let the ranks' parameter-fetch
+    traces of the student diverge after a resume and a compaction (a hang), so the teacher is a plain module.
+    """
+    model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory)  # {}: no ZeRO-3 partitioning
     model.requires_grad_(False)
-    model.eval()
-    if zero_stage(ds_config) != 3:
-        return FrozenTeacher(model.to(dtype))
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)  # no optimizer: it only gathers for forward
-    engine.eval()
-    return FrozenTeacher(engine)
+    return FrozenTeacher(model.to(dtype).eval())
 
 
-def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, ds_config: dict, run_dir: Path,
-                seed: int, scaling: float, dtype: torch.dtype) -> FrozenTeacher:
+def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, run_dir: Path, seed: int,
+                scaling: float, dtype: torch.dtype) -> FrozenTeacher:
     """Turn the shared teacher into its own model before a compaction cuts the backbone (collective)."""
     if dist.is_main():
         write_teacher(shared.adapters, base_dir, out_dir, scaling, dtype, model_cfg.trust_remote_code)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank reads what rank 0 wrote
-    return load_teacher(model_cfg, out_dir, ds_config, run_dir, seed, dtype)
+    return load_teacher(model_cfg, out_dir, run_dir, seed, dtype)

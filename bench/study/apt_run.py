@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import config as config_lib
-from pipeline.run import expected_fingerprint, run_pipeline, run_stage, stage_by_name
-from pipeline.stage import is_done
+from pipeline import preflight
+from pipeline.run import STAGES, expected_fingerprint, run_stage, stage_by_name
+from pipeline.stage import is_done, write_atomic
 
 CORPUS = "data/python-docs.jsonl"
 DS_CONFIG = "ds_configs/zero2_cpu.json"
@@ -47,6 +48,11 @@ class RecoverySettings:
     def end_step(self) -> int:
         return max(1, math.floor(self.window_fraction * self.steps))
 
+    @property
+    def grow_every(self) -> int:
+        """configs/tiny.yaml's proportion (30 steps, growth every 10): two growths, at 1/3 and 2/3 of the steps."""
+        return max(1, self.steps // 3)
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -58,10 +64,14 @@ class DataSettings:
 
 def run_config(root: Path, name: str, data: DataSettings, recovery: RecoverySettings | None = None, *,
                model_path: Path | None = None, tokenizer_path: Path | None = None,
-               target_remaining: float = 0.5) -> config_lib.RunConfig:
-    """The pipeline config of one study run; `recovery` None is the data-only run (prep trains the tokenizer)."""
+               target_remaining: float = 0.5, seed: int | None = None,
+               overrides: dict[str, dict] | None = None) -> config_lib.RunConfig:
+    """The pipeline config of one study run; `recovery` None is the data-only run (prep trains the tokenizer).
+
+    `seed` (default data.seed) is run.seed: data order, adapter init; `overrides` update sections (ablations).
+    """
     raw = {
-        "run": {"name": name, "root": str(root), "seed": data.seed},
+        "run": {"name": name, "root": str(root), "seed": data.seed if seed is None else seed},
         "data": {"sources": [CORPUS], "seq_len": data.seq_len, "validation_fraction": data.validation_fraction},
         "tokenizer": {"path": None if tokenizer_path is None else str(tokenizer_path), "vocab_size": data.vocab_size},
         "model": {"path": None if model_path is None else str(model_path), "max_position_embeddings": data.seq_len},
@@ -70,7 +80,8 @@ def run_config(root: Path, name: str, data: DataSettings, recovery: RecoverySett
     }
     if recovery is not None:
         raw |= {
-            "apt": {"adapter_targets": list(recovery.adapter_targets), "rank": recovery.rank, "alpha": recovery.alpha},
+            "apt": {"adapter_targets": list(recovery.adapter_targets), "rank": recovery.rank, "alpha": recovery.alpha,
+                    "grow_every": recovery.grow_every},
             "pruning": {"target_remaining": target_remaining, "start_step": 0, "end_step": recovery.end_step,
                         "update_every": recovery.update_every, "mask_step": recovery.mask_step,
                         "attention_mode": recovery.attention_mode, "layout": recovery.layout},
@@ -82,6 +93,8 @@ def run_config(root: Path, name: str, data: DataSettings, recovery: RecoverySett
             # keep its generation timing short.
             "eval": {"batches": 2, "new_tokens": 4, "repeats": 1},
         }
+    for section, values in (overrides or {}).items():
+        raw[section] = raw.get(section, {}) | values
     return config_lib.from_dict(raw)
 
 
@@ -95,7 +108,21 @@ def prepare_data(cfg: config_lib.RunConfig) -> tuple[Path, str]:
     return cfg.run_dir / "prep", fingerprint
 
 
-def run_apt(cfg: config_lib.RunConfig) -> Path:
-    """The whole pipeline on one rank (stages already done with this config are skipped); the merged model."""
-    run_pipeline(cfg)
-    return cfg.run_dir / "merge" / "model"
+def run_apt(cfg: config_lib.RunConfig, split_cfg: config_lib.RunConfig | None = None) -> Path:
+    """The whole pipeline on one rank (stages already done with this config are skipped); the merged model.
+
+    prep runs with `split_cfg` (the study's data seed), so every seed's run trains and is scored on the same
+    train / validation split; the later stages run with `cfg` (its run.seed: data order, adapter init).
+    """
+    preflight.check(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
+    rerun = False
+    for stage in STAGES:
+        stage_cfg = split_cfg if stage.name == "prep" and split_cfg is not None else cfg
+        if not rerun and is_done(run_dir / stage.name, expected_fingerprint(stage, stage_cfg, run_dir)):
+            continue
+        rerun = True  # what comes after a re-run stage consumed its old outputs
+        run_stage(stage, stage_cfg, run_dir)
+    return run_dir / "merge" / "model"

@@ -1,10 +1,12 @@
 """Baseline pruners: per-block scores in the `SalienceScores` layout, masks from the pipeline's own search.
 
 Every pruner scores the same blocks APT prunes (query heads, MLP neurons, hidden channels; a KV group's k/v rows
-are shared among its query heads) and hands the scores to `pipeline.apt.search.search_masks`, which divides each
-score by the parameters the block owns and keeps the densest blocks under the exact parameter budget. So all
-methods obey the same structural rules (GQA, rounding, loadable shapes) and the same budget; only the ranking
-differs.
+are shared among its query heads). `shape_masks` hands the scores to the pipeline's own shape machinery, as APT's
+default (`pruning.shape_search: measured`) does: `pipeline.shape_choice.search_target` proposes per-type candidate
+shapes at the exact parameter budget, each type's blocks ranked only within the type, and `choose_shape` keeps the
+one with the lowest loss on held-out calibration batches. `prune_masks` is the old single density list
+(`search_masks`). So all methods obey the same structural rules (GQA, rounding, loadable shapes), the same budget
+and the same search; only the ranking differs.
 
 - magnitude: Σw² over the block's weights. Within a block type this ranks exactly as the L2 norm does; the squared
   norm is additive across a block's pieces, and per parameter it is the mean squared weight, which compares
@@ -21,10 +23,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, params_per_hidden_channel, params_per_neuron, params_per_query_head
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceScores
 from pipeline.apt.search import search_masks
+from pipeline.shape_choice import choose_shape, describe, search_target
 
 METHODS = ("magnitude", "random", "taylor")
 
@@ -107,3 +111,20 @@ def prune_masks(shape: ModelShape, scores: SalienceScores, remaining: float, pru
     """Binary masks from the pipeline's budget search, with the run's pruning section (mode, layout, rounding)."""
     return search_masks(shape, scores, remaining, attention_mode=pruning.attention_mode, layout=pruning.layout,
                         round_to=pruning.round_to, min_hidden=pruning.min_hidden)
+
+
+def shape_masks(model: nn.Module, scores: SalienceScores, remaining: float, pruning,
+                batches: list[dict]) -> tuple[MaskSet, list[dict]]:
+    """Binary masks by `pruning.shape_search` (measured: the candidate with the lowest loss on `batches`).
+
+    `model` is a plain dense HF model; it gets zero-initialised adapters (its function unchanged) and masks, so
+    pass a copy you do not need afterwards. Returns the masks and one row per candidate (`describe`).
+    """
+    shape = ModelShape.from_config(model.config)
+    inject_adapters(model, targets=("q_proj",), rank=1, alpha=1.0)  # B = 0: only the mask store matters
+
+    def measure(candidates: list[MaskSet]):
+        return choose_shape(model, candidates, batches, lambda masks: set_masks(model, masks))
+
+    masks, shapes, choice = search_target(shape, scores, remaining, pruning, measure=measure)
+    return masks, describe(shape, shapes, choice)

@@ -74,7 +74,7 @@ def updates(run_dir):
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_loss_falls_and_target_is_met(tmp_path, prep_dir, template, precision):
     # Plain APT tuning: distillation toward the untrained base would hold a random model's loss near its own
-    # (it is tested with a tuned teacher in test_self_distillation_with_compaction_trains_under_zero3).
+    # (it is tested with a tuned teacher in test_self_distillation_with_compaction_trains_under_zero2).
     cfg = make_config(tmp_path, prep_dir, "run", f"deepspeed.config=ds_configs/{template}.json",
                       f"train.precision={precision}", "apt.distill=false")
     spawn(finetune_rank, 2, cfg, False)
@@ -103,10 +103,11 @@ def test_two_ranks_decide_like_one(tmp_path, prep_dir):
                 assert torch.equal(ones[step][key], twos[step][key]), (step, key)
             else:
                 torch.testing.assert_close(twos[step][key], ones[step][key], rtol=1e-5, atol=1e-9)
-    for rank in range(2):
-        per_update = json.loads((two.run_dir / f"collectives{rank}.json").read_text())
-        # One all-reduce carries the salience sums and the mask checksums; one more the candidate shapes' losses.
-        assert per_update == [2, 2, 2, 2]
+    per_rank = [json.loads((two.run_dir / f"collectives{rank}.json").read_text()) for rank in range(2)]
+    # One all-reduce carries the salience sums and the mask checksums; one more the candidate shapes' losses,
+    # unless the budget leaves a single candidate (no forward, nothing to reduce).
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 4
+    assert set(per_rank[0]) <= {1, 2} and per_rank[0][0] == 2
 
 
 @pytest.mark.slow
@@ -135,12 +136,12 @@ def test_rank_growth_rebuilds_the_engine_and_resumes_exactly(tmp_path, prep_dir)
 
 
 @pytest.mark.slow
-def test_self_distillation_with_compaction_trains_under_zero3(tmp_path, prep_dir):
+def test_self_distillation_with_compaction_trains_under_zero2(tmp_path, prep_dir):
     # The teacher is the model tuned for 10 steps before pruning starts, as in APT; the first compaction gives it
     # a model of its own, so the cuts never reach it.
     cfg = make_config(tmp_path, prep_dir, "distill", "apt.distill=true", "apt.distill_weight=0.5",
                       "pruning.start_step=10", "pruning.end_step=25", "train.steps=35",
-                      "deepspeed.config=ds_configs/zero3_cpu.json", "train.precision=bf16")
+                      "deepspeed.config=ds_configs/zero2_cpu.json", "train.precision=bf16")
     spawn(finetune_rank, 2, cfg, False)
     stage_dir = cfg.run_dir / "finetune"
     assert json.loads((stage_dir / "manifest.json").read_text())["summary"]["compactions"]
@@ -157,7 +158,9 @@ def test_self_distillation_with_compaction_trains_under_zero3(tmp_path, prep_dir
 
 @pytest.mark.slow
 def test_resume_after_compactions_matches_uninterrupted_under_zero3(tmp_path, prep_dir):
-    common = ["train.checkpoint_every=10", "train.precision=fp32", "deepspeed.config=ds_configs/zero3_cpu.json"]
+    # Distillation is refused under ZeRO-3 at start-up (docs/design.md §5); test_elastic resumes it under ZeRO-2.
+    common = ["train.checkpoint_every=10", "train.precision=fp32", "deepspeed.config=ds_configs/zero3_cpu.json",
+              "apt.distill=false"]
     straight = make_config(tmp_path, prep_dir, "straight", *common)
     spawn(finetune_rank, 2, straight, False)
     stage_dir = straight.run_dir / "finetune"
@@ -166,15 +169,15 @@ def test_resume_after_compactions_matches_uninterrupted_under_zero3(tmp_path, pr
     assert all(c["params_after"] < c["params_before"] for c in compactions)
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["model_params"] < 0.5  # the training model itself shrank
-    assert (stage_dir / "teacher" / "config.json").is_file()  # the defaults distil: the teacher has its own model
+    curve = losses(straight.run_dir)
+    assert sum(curve[-10:]) / 10 < sum(curve[:3]) / 3 - 0.1  # and kept learning
 
     # Resume from the step-20 checkpoint, taken on a compacted model, in a copy of the run.
     resumed = make_config(tmp_path, prep_dir, "resumed", *common)
     shutil.copytree(stage_dir, resumed.run_dir / "finetune",
                     ignore=shutil.ignore_patterns("step30", "meta-step30.json", "*.safetensors", "manifest.json"))
     shutil.copytree(stage_dir / "compacted", resumed.run_dir / "finetune" / "compacted", dirs_exist_ok=True)
-    for folder in ("base_model", "teacher"):  # the teacher: distillation is on by default
-        shutil.copytree(stage_dir / folder, resumed.run_dir / "finetune" / folder, dirs_exist_ok=True)
+    shutil.copytree(stage_dir / "base_model", resumed.run_dir / "finetune" / "base_model", dirs_exist_ok=True)
     (resumed.run_dir / "finetune" / "checkpoints" / "latest").write_text("step20")
     spawn(finetune_rank, 2, resumed, False)
     assert_same_finetune_outputs(straight.run_dir, resumed.run_dir)

@@ -34,6 +34,8 @@ def refused_option(row: dict) -> str | None:
     """The option a combination is refused for at start-up, or None when it must run."""
     if row["pruning.layout"] == "per_layer" and row["model.model_type"] != "llama":
         return "pruning.layout"
+    if row["apt.distill"] and row["deepspeed.config"].endswith("zero3_cpu.json"):
+        return "apt.distill"
     return None
 
 
@@ -50,7 +52,7 @@ def pairwise_rows() -> list[dict]:
         best = max(runnable, key=lambda row: len(pairs(row) & needed))
         rows.append(best)
         needed -= pairs(best)
-    refused = {(row["model.model_type"], row["pruning.layout"]): row for row in every if refused_option(row)}
+    refused = {refused_option(row): row for row in every if refused_option(row)}  # one row per refusal
     return rows + list(refused.values())
 
 

@@ -3,6 +3,7 @@
 Real gloo ranks; rank 1 stops taking part (as a rank stuck in I/O or a deadlock does) while rank 0 all-reduces.
 """
 
+import os
 import time
 
 import pytest
@@ -33,6 +34,9 @@ def reduce_while_rank_1_hangs(rank, world_size, out_dir, subgroup):
         report.write_text("the all-reduce returned")
     except RuntimeError as e:
         report.write_text(f"{time.monotonic() - started:.1f}\n{e}")
+    # A gloo group whose work timed out may abort ("terminate called without an active exception") when it is
+    # destroyed at interpreter exit; the report is written, so leave without running that teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("subgroup", [False, True], ids=["world", "deepspeed-style-subgroup"])

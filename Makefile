@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	$(PY) -m pip install -qq -e ".[dev]"
+	$(PY) -m pip install -qq -e ".[dev,eval]"
 	touch $@
 
 clean:

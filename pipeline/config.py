@@ -17,6 +17,11 @@ from typing import Literal
 
 import yaml
 
+from pipeline.lm_eval_tasks import HELDOUT_TASK
+
+DEFAULT_MODEL = "models/tiny-python-docs"
+"""The embedded default base model and tokenizer (a folder of the repository; relative to the current directory)."""
+
 
 class ConfigError(ValueError):
     """A config problem a user can fix; the message lists every problem found."""
@@ -43,8 +48,9 @@ class RunSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    path: str | None = None
-    """Local `from_pretrained` directory (LLaMA/Mistral/Qwen2). Unset: build a model from the fields below."""
+    path: str | None = DEFAULT_MODEL
+    """Local `from_pretrained` directory (LLaMA/Mistral/Qwen2); the default is the small trained model in the
+    repository. null: build a randomly initialised model from the fields below."""
     model_type: Literal["llama", "mistral", "qwen2"] = "llama"
     """Architecture of a model built from this config."""
     hidden_size: int = 64
@@ -116,8 +122,9 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TokenizerSection:
-    path: str | None = None
-    """A HF tokenizer directory or a SentencePiece .model file. Unset: train SentencePiece BPE on the corpus."""
+    path: str | None = DEFAULT_MODEL
+    """A HF tokenizer directory or a SentencePiece .model file (default: the default model's). null: train
+    SentencePiece BPE on the corpus."""
     vocab_size: int = 512
     """Vocabulary of a trained tokenizer (>= 300: byte fallback needs 256 byte pieces plus specials)."""
     train_sentences: int = 200_000
@@ -143,10 +150,10 @@ class AptSection:
     dropout: float = 0.0
     max_rank_multiplier: int = 8
     """An adapter grows to at most this times its initial rank."""
-    grow_every: int = 10
-    """Steps between rank-growth updates (0: never grow); each growth rebuilds the DeepSpeed engine. 10 suits the
-    tiny run (30 steps, pruning window 0..20): growth mid-window (step 10) and as the target is reached (20), so the
-    grown ranks train through the rest of pruning and the 10 recovery steps. The first growth spends the whole
+    grow_every: int = 15
+    """Steps between rank-growth updates (0: never grow); each growth rebuilds the DeepSpeed engine. 15 suits the
+    tiny run (80 steps, pruning window 0..40): growth early in the window (step 15) and near its end (30), so the
+    grown ranks train through the rest of pruning and the 40 recovery steps. The first growth spends the whole
     `tuning_budget`; later ones use what compaction freed, and one with nothing to spend skips the rebuild. Real
     runs set it from their step count (configs/llama2-7b.yaml: 200)."""
     tuning_budget: float = 4.0
@@ -188,7 +195,7 @@ class PruningSection:
     """Fraction of parameters the final model keeps (0.5 = half the parameters)."""
     start_step: int = 0
     """First step of the pruning window (cubic schedule starts here)."""
-    end_step: int = 20
+    end_step: int = 40
     """Step at which the target is reached."""
     update_every: int = 5
     """Steps between salience all-reduces and mask searches inside the window."""
@@ -263,7 +270,7 @@ class PruningSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 30
+    steps: int = 80
     """Optimizer steps of the finetune stage."""
     micro_batch_size: int = 4
     """Sequences per rank per forward."""
@@ -273,7 +280,7 @@ class TrainSection:
     warmup_steps: int = 3
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    checkpoint_every: int = 10
+    checkpoint_every: int = 20
     """Steps between DeepSpeed checkpoints (one is always written at the end)."""
     eval_batches: int = 8
     """Validation batches for the perplexity at the end of finetune."""
@@ -360,12 +367,25 @@ class EvalSection:
     prompt_tokens: int = 16
     """Prompt length for the generation-speed measurement."""
     new_tokens: int = 32
-    repeats: int = 3
-    """Timed generations per model (the median counts)."""
+    rounds: int = 7
+    """Timing rounds after a warm-up; each times base and pruned once, in alternating order (the median counts)."""
+    max_spread: float = 0.25
+    """The speed-up is reported as unreliable when its interquartile range over the rounds exceeds this share
+    of the median (a busy machine)."""
+    lm_eval_tasks: tuple[str, ...] = (HELDOUT_TASK,)
+    """lm-eval-harness tasks scored on base and export (empty: none). `apt_heldout`: rolling log-likelihood of
+    the held-out documents, offline; hub tasks (hellaswag, arc_easy, ...) need their datasets cached or a network."""
+    lm_eval_limit: int | None = None
+    """At most this many documents per lm-eval task (unset: all)."""
 
     def problems(self) -> list[str]:
-        return [f"{name}: {getattr(self, name)} must be >= 1" for name in
-                ("batches", "batch_size", "prompt_tokens", "new_tokens", "repeats") if getattr(self, name) < 1]
+        out = [f"{name}: {getattr(self, name)} must be >= 1" for name in
+               ("batches", "batch_size", "prompt_tokens", "new_tokens", "rounds") if getattr(self, name) < 1]
+        if self.max_spread <= 0:
+            out.append(f"max_spread: {self.max_spread} must be > 0")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            out.append(f"lm_eval_limit: {self.lm_eval_limit} must be >= 1 or null")
+        return out
 
 
 @dataclass(frozen=True)

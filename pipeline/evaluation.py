@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -21,14 +22,33 @@ def perplexity(model, split, batch_size: int, max_batches: int) -> float:
 
 
 @torch.no_grad()
-def generation_speed(model, prompts: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Greedy-decoding tokens per second (median of `repeats`, after one warm-up)."""
+def generate_seconds(model, prompts: torch.Tensor, new_tokens: int) -> float:
+    """Wall seconds of one greedy generation of exactly `new_tokens` tokens after each prompt."""
     # Unpadded prompts of equal length: every position attends; EOS stands in for the absent pad token.
     options = dict(attention_mask=torch.ones_like(prompts), pad_token_id=model.config.eos_token_id, do_sample=False)
-    model.generate(prompts, max_new_tokens=2, **options)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
-        times.append(time.perf_counter() - started)
-    return prompts.shape[0] * new_tokens / sorted(times)[len(times) // 2]
+    started = time.perf_counter()
+    model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    return time.perf_counter() - started
+
+
+def interleaved_speedup(base, pruned, prompts: torch.Tensor, new_tokens: int, rounds: int,
+                        max_spread: float) -> dict:
+    """Generation speed-up of `pruned` over `base`, timed in alternating order round by round after a warm-up.
+
+    Each round's ratio pairs two runs seconds apart, so load that comes and goes hits both; the median ratio
+    is the figure, its interquartile range the spread, and a spread above `max_spread` marks it unreliable."""
+    for model in (base, pruned):
+        generate_seconds(model, prompts, 2)
+    seconds = {"base": [], "pruned": []}
+    for index in range(rounds):
+        order = ("base", "pruned") if index % 2 == 0 else ("pruned", "base")
+        for name in order:
+            seconds[name].append(generate_seconds(base if name == "base" else pruned, prompts, new_tokens))
+    ratios = [b / p for b, p in zip(seconds["base"], seconds["pruned"], strict=True)]
+    median = statistics.median(ratios)
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median, median, median)
+    tokens = prompts.shape[0] * new_tokens
+    return {"speedup": median, "spread": (q3 - q1) / median, "reliable": (q3 - q1) / median <= max_spread,
+            "ratios": ratios, "rounds": rounds, "threads": torch.get_num_threads(),
+            "base_tokens_per_s": tokens / statistics.median(seconds["base"]),
+            "pruned_tokens_per_s": tokens / statistics.median(seconds["pruned"])}

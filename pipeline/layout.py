@@ -37,6 +37,11 @@ class RunLayout:
         """A `datasets.DatasetDict` saved to disk: splits `train` and `validation`."""
         return self.run_dir / "prep" / "dataset"
 
+    @property
+    def heldout_text(self) -> Path:
+        """The validation documents as text, one JSON line {"text": ...} each: lm-eval's offline task reads it."""
+        return self.run_dir / "prep" / "heldout.jsonl"
+
     # finetune
     @property
     def finetune(self) -> Path:

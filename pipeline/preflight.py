@@ -18,7 +18,7 @@ import sentencepiece as spm
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from pipeline import corpus, tracking
+from pipeline import corpus, lm_eval_tasks, tracking
 from pipeline.apt import shapes
 from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
 from pipeline.config import ConfigError, RunConfig
@@ -57,6 +57,7 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
         problems += corpus_problems(cfg.data, chat_template)
     elif (hub := hub_problem(cfg.data.hub_name)) is not None:
         problems.append(hub)
+    problems += lm_eval_problems(cfg.eval.lm_eval_tasks)
     if cfg.deepspeed.hostfile is not None and cfg.deepspeed.host_check_port:
         problems += host_problems(cfg.deepspeed)
     if tracking_server and (server := tracking.server_problem(cfg.tracking.uri)) is not None:  # now, not in hours
@@ -235,6 +236,17 @@ def hub_problem(name: str) -> str | None:
     return (f"data.hub_name: {name!r} is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
             f"and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); load it once with the hub reachable, "
             f"unset those variables, or give local files in data.sources")
+
+
+def lm_eval_problems(tasks: tuple[str, ...]) -> list[str]:
+    """Every eval.lm_eval_tasks name is a task lm-eval knows, and with the hub offline its dataset is cached."""
+    problems, hub_datasets = lm_eval_tasks.task_problems(tasks)
+    for task, dataset in hub_datasets.items():
+        if hub_problem(dataset) is not None:
+            problems.append(f"eval.lm_eval_tasks: {task!r} reads the hub dataset {dataset!r}, which is not in the "
+                            f"local datasets cache while the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); "
+                            f"unset those variables with a network, or drop the task")
+    return problems
 
 
 # ---- hosts -----------------------------------------------------------------------------------------------

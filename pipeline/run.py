@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import checkpoints, preflight, tracking
 from pipeline import config as config_lib
 from pipeline.dist import get_logger, is_main, rank, world_size
+from pipeline.layout import RunLayout
 from pipeline.stage import (
     MANIFEST,
     RANKS,
@@ -29,6 +30,7 @@ from pipeline.stage import (
 )
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import finalize, finetune, merge, prep, salience
+from pipeline.summary import run_summary
 
 STAGES: tuple[Stage, ...] = (
     Stage("prep", prep.Config, (), prep.run),
@@ -87,8 +89,11 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
             rerun_rest = True  # what comes after a re-run stage consumed its old outputs
             with tracking.tracked_stage(mlflow_run, run_dir / stage.name):
                 run_stage(stage, cfg, run_dir)
-    log.info("done: the pruned model is in %s (loads with AutoModelForCausalLM.from_pretrained)",
-             run_dir / "merge" / "model")
+        export = RunLayout(run_dir).export
+        mlflow_run.set_tag("export_path", str(export.resolve()))
+    summary = run_summary(run_dir, cfg.model.path or "a model built from the model section")
+    log.info("%s", summary or f"done: the pruned model is in {export} (loads with "
+             f"AutoModelForCausalLM.from_pretrained)")
 
 
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:

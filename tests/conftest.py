@@ -41,7 +41,7 @@ def tiny_config(tmp_path, small_corpus):
 
     def make(*overrides: str) -> config_lib.RunConfig:
         base = [f"run.root={tmp_path / 'runs'}", f"data.sources=[{small_corpus}]", "data.num_proc=1"]
-        return config_lib.load(REPO / "configs" / "tiny.yaml", [*base, *overrides])
+        return config_lib.load(REPO / "tests" / "tiny.yaml", [*base, *overrides])
 
     return make
 
@@ -64,7 +64,7 @@ def prep_dir(tmp_path_factory, small_corpus) -> Path:
     from pipeline import run as driver
 
     root = tmp_path_factory.mktemp("prep")
-    cfg = config_lib.load(REPO / "configs" / "tiny.yaml", [f"run.root={root}", f"data.sources=[{small_corpus}]",
+    cfg = config_lib.load(REPO / "tests" / "tiny.yaml", [f"run.root={root}", f"data.sources=[{small_corpus}]",
                                                           "data.num_proc=1", "data.seq_len=64"])
     driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)
     return cfg.run_dir / "prep"

@@ -91,7 +91,7 @@ def run_config(root: Path, name: str, data: DataSettings, recovery: RecoverySett
             "salience": {"batches": recovery.calibration_batches},
             # The eval stage's own numbers are not the study's (every model is scored by recover.evaluate);
             # keep its generation timing short.
-            "eval": {"batches": 2, "new_tokens": 4, "repeats": 1},
+            "eval": {"batches": 2, "new_tokens": 4, "rounds": 1, "lm_eval_tasks": []},
         }
     for section, values in (overrides or {}).items():
         raw[section] = raw.get(section, {}) | values

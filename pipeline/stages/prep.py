@@ -1,12 +1,14 @@
 """prep: load the corpus, get a tokenizer (or train one), tokenize, pack, split, save.
 
 Writes `prep/tokenizer/` (a HF tokenizer) and `prep/dataset/{train,validation}` (columns
-`input_ids` and `labels`, every row exactly `seq_len` long; labels are -100 where no loss is taken).
+`input_ids` and `labels`, every row exactly `seq_len` long; labels are -100 where no loss is taken), and
+`prep/heldout.jsonl`, the validation documents as text for lm-eval.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +21,7 @@ from pipeline.config import PrepConfig
 from pipeline.corpus import DATA_SUFFIXES, data_files, instruction_problem, text_field_problem
 from pipeline.dist import get_logger
 from pipeline.layout import RunLayout
+from pipeline.stage import write_atomic
 
 Config = PrepConfig
 IGNORE_INDEX = -100
@@ -52,6 +55,7 @@ def run(cfg: PrepConfig, run_dir: Path) -> dict:
             raise ValueError(f"data: the {name} split holds no {data.seq_len}-token block; "
                              f"lower data.seq_len or add text")
     dataset = datasets.DatasetDict(splits)
+    write_atomic(layout.heldout_text, heldout_jsonl(split["test"], tokenizer, data))
 
     tmp = layout.dataset.with_name(".dataset.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -170,6 +174,15 @@ def pack_text(batch: dict, tokenizer: PreTrainedTokenizerBase, data) -> dict:
     n = len(stream) // data.seq_len
     blocks = [stream[i * data.seq_len:(i + 1) * data.seq_len] for i in range(n)]
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def heldout_jsonl(part: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data) -> str:
+    """The held-out documents as JSON lines of {"text": ...}; an instruction record as its prompt and answer."""
+    if data.format == "text":
+        texts = part[data.text_field]
+    else:
+        texts = ["".join(render_instruction(record, tokenizer)[:2]) for record in part]
+    return "".join(json.dumps({"text": text}) + "\n" for text in texts)
 
 
 def encode_instruction(batch: dict, tokenizer: PreTrainedTokenizerBase, data) -> dict:

@@ -22,7 +22,7 @@ COMMON = ["train.steps=20", "train.checkpoint_every=10", "pruning.end_step=8", "
 
 
 def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
                                                 *COMMON, *overrides])
     shutil.copytree(prep_dir, cfg.run_dir / "prep")
     return cfg

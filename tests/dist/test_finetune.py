@@ -20,7 +20,7 @@ FAST = ["train.steps=30", "pruning.end_step=20", "pruning.update_every=5", "prun
 
 
 def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.seq_len=64",
                                                 *FAST, *overrides])
     shutil.copytree(prep_dir, cfg.run_dir / "prep")
     return cfg

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def test_killed_rank_fails_the_stage_within_a_minute_and_is_named(tmp_path, small_corpus):
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]",
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]",
                                                 "data.num_proc=1", "data.seq_len=64", "train.steps=2000",
                                                 "train.checkpoint_every=1000", f"deepspeed.master_port={free_port()}"])
     driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)

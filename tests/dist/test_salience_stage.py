@@ -22,14 +22,14 @@ def stage_rank(rank, world_size, cfg, stage_name):
 
 
 def test_two_rank_salience_equals_one(tmp_path, small_corpus):
-    base = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", "run.name=base", "data.num_proc=1",
+    base = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", "run.name=base", "data.num_proc=1",
                                                  f"data.sources=[{small_corpus}]", *FAST])
     driver.run_stage(driver.stage_by_name("prep"), base, base.run_dir)
     spawn(stage_rank, 2, base, "finetune")
 
     results = {}
     for name, world_size, micro_batch in (("one", 1, 8), ("two", 2, 4)):
-        cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.num_proc=1",
+        cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.num_proc=1",
                                                     f"data.sources=[{small_corpus}]", *FAST,
                                                     f"train.micro_batch_size={micro_batch}"])
         for stage in ("prep", "finetune"):

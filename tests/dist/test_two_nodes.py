@@ -30,7 +30,7 @@ def finetune_rank(rank, world_size, cfg):
 
 def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path, small_corpus):
     def make(name):
-        return config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.num_proc=1",
+        return config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"run.name={name}", "data.num_proc=1",
                                                      f"data.sources=[{small_corpus}]", *FAST])
 
     one_node, two_nodes = make("one_node"), make("two_nodes")

@@ -27,7 +27,7 @@ OPTIONS = {
 }
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
-        "eval.repeats=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
+        "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
 
 
 def refused_option(row: dict) -> str | None:
@@ -76,7 +76,7 @@ def test_rows_cover_every_pair():
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
 def test_combination_runs_the_chain_or_is_refused_at_start(tmp_path, small_corpus, row):
     overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "tests/tiny.yaml", f"run.root={tmp_path}",
                f"data.sources=[{small_corpus}]", f"deepspeed.master_port={free_port()}", *FAST, *overrides]
     result = subprocess.run(command, capture_output=True, text=True)
     refused = refused_option(row)

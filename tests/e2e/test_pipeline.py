@@ -20,7 +20,7 @@ def apt_pipeline(*args: str) -> subprocess.CompletedProcess:
 def test_tiny_chain_end_to_end_and_rerun_skips(tmp_path, small_corpus):
     overrides = [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]", "data.num_proc=1", "data.seq_len=64",
                  f"deepspeed.master_port={free_port()}"]
-    apt_pipeline("run", "--config", "configs/tiny.yaml", *overrides)
+    apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides)
     run_dir = tmp_path / "tiny"
     stages = ["prep", "finetune", "salience", "finalize", "merge", "eval"]
     for stage in stages:
@@ -31,8 +31,8 @@ def test_tiny_chain_end_to_end_and_rerun_skips(tmp_path, small_corpus):
     assert report["remaining_fraction"] <= 0.5
     assert (run_dir / "finalize" / "masks.png").stat().st_size > 1000
 
-    again = apt_pipeline("run", "--config", "configs/tiny.yaml", *overrides)
+    again = apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides)
     assert all(f"{stage:<9} done, skipped" in again.stderr for stage in stages)
 
-    changed = apt_pipeline("run", "--config", "configs/tiny.yaml", *overrides, "export.dtype=float32")
+    changed = apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides, "export.dtype=float32")
     assert "merge     done, skipped" not in changed.stderr and "finalize  done, skipped" in changed.stderr

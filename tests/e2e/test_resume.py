@@ -21,7 +21,7 @@ def command(root, corpus):
     overrides = [f"run.root={root}", f"data.sources=[{corpus}]", "data.num_proc=1", "data.seq_len=64",
                  "train.steps=40", "train.checkpoint_every=20", "export.dtype=float32",
                  f"deepspeed.master_port={free_port()}"]
-    return [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/tiny.yaml", *overrides]
+    return [sys.executable, "-m", "pipeline.cli", "run", "--config", "tests/tiny.yaml", *overrides]
 
 
 def exported(run_dir):

@@ -74,7 +74,7 @@ VICTIM = ("/step20/", "zero_pp_rank_1_")
 
 def make_run(root, prep_dir) -> tuple[config_lib.RunConfig, list[str]]:
     """A run directory with prep done, and the `apt-pipeline stage finetune` command that trains it."""
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={root}", *COMMON, f"deepspeed.master_port={free_port()}"])
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={root}", *COMMON, f"deepspeed.master_port={free_port()}"])
     shutil.copytree(prep_dir, cfg.run_dir / "prep")
     config_path = root / "config.yaml"
     config_path.write_text(config_lib.dump(cfg))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 PIPELINE = ["data.seq_len=64", "data.num_proc=1", "train.steps=20", "train.checkpoint_every=20",
             "pruning.end_step=8", "pruning.update_every=4", "pruning.mask_step=0.2", "train.eval_batches=1",
-            "salience.batches=2", "eval.batches=1", "eval.repeats=1", "eval.new_tokens=4"]
+            "salience.batches=2", "eval.batches=1", "eval.rounds=1", "eval.new_tokens=4"]
 
 
 class Warnings(logging.Handler):
@@ -87,7 +87,7 @@ def test_server_killed_mid_finetune_training_goes_on_and_the_rerun_logs_every_st
         tmp_path, small_corpus, mlflow_server, monkeypatch):
     monkeypatch.setattr(tracking, "LIVE_SYNC_SECONDS", 1.0)  # so that some steps reach the server before it dies
     run_dir = tmp_path / "tiny"
-    args = ["run", "--config", "configs/tiny.yaml", f"run.root={tmp_path}", f"data.sources=[{small_corpus}]",
+    args = ["run", "--config", "tests/tiny.yaml", f"run.root={tmp_path}", f"data.sources=[{small_corpus}]",
             f"deepspeed.master_port={free_port()}", f"tracking.uri={mlflow_server.url}", *PIPELINE]
     cursor_at_kill = {}
 

@@ -19,7 +19,7 @@ COMMON = ["train.steps=12", "train.checkpoint_every=2", "pruning.end_step=8", "p
 
 
 def make_config(tmp_path, prep_dir, *overrides) -> config_lib.RunConfig:
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={tmp_path}", "data.seq_len=64", *COMMON, *overrides])
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", "data.seq_len=64", *COMMON, *overrides])
     shutil.copytree(prep_dir, cfg.run_dir / "prep")
     return cfg
 
@@ -84,4 +84,4 @@ def test_skip_gives_up_after_max_skipped_steps(tmp_path, prep_dir):
 
 def test_skip_with_gradient_accumulation_is_refused_at_load():
     with pytest.raises(config_lib.ConfigError, match="nonfinite: 'skip' needs grad_accum 1"):
-        config_lib.load("configs/tiny.yaml", ["train.nonfinite=skip", "train.grad_accum=2"])
+        config_lib.load("tests/tiny.yaml", ["train.nonfinite=skip", "train.grad_accum=2"])

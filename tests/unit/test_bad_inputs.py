@@ -46,7 +46,7 @@ def apt_pipeline(run_root, small_corpus, capsys):
 
     def call(*overrides: str, command: tuple[str, ...] = ("run",)) -> tuple[int, str]:
         base = [f"run.root={run_root}", f"data.sources=[{small_corpus}]", "data.num_proc=1"]
-        code = cli.main([*command, "--config", "configs/tiny.yaml", *base, *overrides])
+        code = cli.main([*command, "--config", "tests/tiny.yaml", *base, *overrides])
         return code, capsys.readouterr().err
 
     return call
@@ -416,7 +416,7 @@ def test_complete_checkpoint_or_none_passes(tmp_path):
 
 def test_truncated_checkpoint_stops_the_stage_before_any_rank_starts(apt_pipeline, run_root, prep_dir, small_corpus):
     # An interrupted finetune that the same command would resume, its newest checkpoint cut short.
-    cfg = config_lib.load("configs/tiny.yaml", [f"run.root={run_root}", f"data.sources=[{small_corpus}]",
+    cfg = config_lib.load("tests/tiny.yaml", [f"run.root={run_root}", f"data.sources=[{small_corpus}]",
                                                 "data.num_proc=1", "data.seq_len=64"])
     stage_dir = cfg.run_dir / "finetune"
     shutil.copytree(prep_dir, cfg.run_dir / "prep")

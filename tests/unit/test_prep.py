@@ -1,4 +1,5 @@
 import hashlib
+import json
 import shutil
 
 import datasets
@@ -38,6 +39,16 @@ def test_text_prep_packs_fixed_blocks(tiny_config):
     assert summary["train_blocks"] == len(train) and summary["documents"] == 12
     eos = AutoTokenizer.from_pretrained(str(prep_dir / "tokenizer")).eos_token_id
     assert any(eos in ids for ids in train["input_ids"])  # documents separated by EOS
+
+
+def test_heldout_text_is_the_validation_documents(tiny_config, small_corpus):
+    prep_dir = run_prep(tiny_config("data.seq_len=64", "data.validation_fraction=0.25"))
+    heldout = [json.loads(line)["text"] for line in (prep_dir / "heldout.jsonl").read_text().splitlines()]
+    corpus = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
+    assert len(heldout) == 3 and all(text in corpus for text in heldout)
+    tokenizer = AutoTokenizer.from_pretrained(str(prep_dir / "tokenizer"))
+    first_block = datasets.load_from_disk(str(prep_dir / "dataset" / "validation"))[0]["input_ids"]
+    assert first_block[:8] == tokenizer(heldout[0])["input_ids"][:8]  # the blocks are packed from these texts
 
 
 def test_two_preps_are_identical(tiny_config, tmp_path):

@@ -1,0 +1,46 @@
+"""The eval stage's interleaved speed-up and the driver's end-of-run summary."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.evaluation import interleaved_speedup
+from pipeline.layout import RunLayout
+from pipeline.summary import describe_speed, run_summary
+
+
+def test_interleaved_speedup_pairs_rounds_and_reports_spread(tiny_model):
+    base = tiny_model(num_layers=2, intermediate_size=96)
+    pruned = tiny_model(num_layers=1, intermediate_size=32)
+    prompts = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    speed = interleaved_speedup(base, pruned, prompts, new_tokens=3, rounds=3, max_spread=10.0)
+    assert len(speed["ratios"]) == 3 and speed["rounds"] == 3 and speed["threads"] >= 1
+    assert speed["speedup"] == sorted(speed["ratios"])[1]
+    assert speed["reliable"] and speed["spread"] >= 0
+
+
+@pytest.mark.parametrize("reliable", [True, False])
+def test_speed_is_a_result_only_when_the_spread_allows(reliable):
+    speed = {"speedup": 1.5, "spread": 0.05 if reliable else 0.6, "reliable": reliable, "rounds": 7, "threads": 1}
+    text = describe_speed(speed)
+    assert text.startswith("x1.50 generation") if reliable else text.startswith("not measured reliably")
+
+
+def test_summary_names_sizes_scores_speed_and_how_to_load(tmp_path):
+    layout = RunLayout(tmp_path)
+    shape = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 352, "per_layer": False}
+    lm_eval = {"apt_heldout": {"bits_per_byte": 2.5}}
+    metrics = {"base": {"params": 1000, "shape": shape, "val_perplexity": 16.0, "lm_eval": lm_eval},
+               "pruned": {"params": 500, "shape": shape | {"hidden": 96}, "val_perplexity": 19.0,
+                          "lm_eval": {"apt_heldout": {"bits_per_byte": 2.75}}},
+               "params_ratio": 0.5, "speed": {"speedup": 1.4, "spread": 0.1, "reliable": True, "rounds": 7,
+                                              "threads": 2}}
+    assert run_summary(tmp_path, "base-dir") is None
+    layout.eval_metrics.parent.mkdir(parents=True)
+    layout.eval_metrics.write_text(json.dumps(metrics))
+    text = run_summary(tmp_path, "base-dir")
+    for expected in ("1,000 -> 500 (x0.500)", "hidden 128 / 4 heads (2 KV) / 352 neurons x 4 layers -> hidden 96",
+                     "16.00 -> 19.00 (x1.19)", "bits_per_byte 2.5 -> 2.75", "x1.40 generation",
+                     f'AutoModelForCausalLM.from_pretrained("{layout.export}")'):
+        assert expected in text, (expected, text)

@@ -204,7 +204,8 @@ class PruningSection:
     attention_mode: Literal["kv_group", "query_in_group"] = "kv_group"
     """kv_group: drop whole KV groups; query_in_group: keep KV heads, trim query heads evenly per group."""
     layout: Literal["uniform", "per_layer"] = "uniform"
-    """uniform: same kept sizes in every layer (plain LlamaConfig); per_layer: sizes vary per layer."""
+    """uniform: same kept sizes in every layer (a plain config of the base's type); per_layer: sizes vary per
+    layer (an `apt_llama` / `apt_mistral` / `apt_qwen2` config that `import pipeline` registers)."""
     round_to: int = 8
     """Kept neurons and hidden channels are multiples of this (1 disables)."""
     min_hidden: int = 16

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import LayerKeep, kept_indices, layer_slices, plan_layer
-from pipeline.hetero import AptLlamaConfig
+from pipeline.hetero import HETEROGENEOUS
 from pipeline.stage import write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,15 +86,12 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
                   out_dir: Path, trust_remote_code: bool = False) -> dict:
     """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
 
-    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_llama` type.
+    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_<type>` type.
     Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
     plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
     per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
-    if per_layer and config.model_type != "llama":
-        raise ValueError(f"merge: per-layer sizes are exported for llama models only, not {config.model_type}; "
-                         f"use pruning.layout=uniform")
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if adapters_path is not None and not adapters_path.is_file():
         raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
@@ -154,11 +151,13 @@ def pruned_config(config, first: LayerKeep, per_layer: dict, hidden_size: int, h
     return config
 
 
-def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]) -> AptLlamaConfig:
-    """The pruned LlamaConfig in transformers' per-layer format, as the registered `apt_llama` type."""
+def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]):
+    """The pruned config in transformers' per-layer format, as the registered `apt_<type>` of its family
+    (`apt_llama`, `apt_mistral`, `apt_qwen2`)."""
+    config_class, model_class = HETEROGENEOUS[config.model_type]
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures",
                                                                     "transformers_version")}
-    return AptLlamaConfig(**values, per_layer_config=per_layer, architectures=["AptLlamaForCausalLM"])
+    return config_class(**values, per_layer_config=per_layer, architectures=[model_class.__name__])
 
 
 def write_compacted_base(original_dir: Path, alive: MaskSet, out_dir: Path, trust_remote_code: bool) -> None:

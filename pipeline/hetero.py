@@ -1,9 +1,11 @@
-"""A LLaMA whose layers keep different sizes (the `per_layer` export), registered with the Auto classes.
+"""LLaMA, Mistral and Qwen2 models whose layers keep different sizes (the `per_layer` export), registered with
+the Auto classes.
 
 The config is transformers' own heterogeneous format: global sizes plus `per_layer_config`, a map from
-layer index to the attributes that differ. transformers 5.23's Llama modeling does not build such a
-config yet; `import pipeline` registers this small class that does, so `AutoModelForCausalLM` loads the
-export without `trust_remote_code`. Only the layer construction differs from `LlamaForCausalLM`.
+layer index to the attributes that differ. transformers 5.23's Llama, Mistral and Qwen2 modeling do not build
+such a config yet; `import pipeline` registers small classes that do (model types `apt_llama`, `apt_mistral`,
+`apt_qwen2`), so `AutoModelForCausalLM` loads the export without `trust_remote_code`. Only the layer
+construction differs from the base family's `...ForCausalLM`; one mixin pair serves all three families.
 """
 
 from __future__ import annotations
@@ -12,18 +14,29 @@ import copy
 
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-MODEL_TYPE = "apt_llama"
 
-
-@strict
-class AptLlamaConfig(LlamaConfig):
-    model_type = MODEL_TYPE
+class HeterogeneousConfig:
+    """Mixin for a family's config: head_dim is explicit in a pruned model, so hidden_size need not be a
+    multiple of the head count; each layer's own view is checked."""
 
     def validate_architecture(self):
-        """head_dim is explicit in a pruned model, so hidden_size need not be a multiple of the head count."""
+        """Only the GQA grouping constrains the sizes: query heads a multiple of KV heads, in every layer."""
         if self.is_heterogeneous:
             for layer_config in self.per_layer_config:
                 layer_config.validate_architecture()
@@ -32,14 +45,15 @@ class AptLlamaConfig(LlamaConfig):
                              f"num_key_value_heads ({self.num_key_value_heads})")
 
 
-class AptLlamaForCausalLM(LlamaForCausalLM):
-    config_class = AptLlamaConfig
+class HeterogeneousForCausalLM:
+    """Mixin for a family's `...ForCausalLM`: each decoder layer is built from its own view of the config."""
 
-    def __init__(self, config: AptLlamaConfig):
+    decoder_layer: type[nn.Module]
+
+    def __init__(self, config):
         super().__init__(_global_sizes(config))
-        # Each decoder layer is built from its own view of the config (its per-layer overrides applied).
         self.model.layers = nn.ModuleList(
-            LlamaDecoderLayer(config.per_layer_config[index], index) for index in range(config.num_hidden_layers)
+            self.decoder_layer(config.per_layer_config[index], index) for index in range(config.num_hidden_layers)
         )
         for layer in self.model.layers:
             # Attention reads only the attention implementation from its config at run time: share the model's,
@@ -49,7 +63,7 @@ class AptLlamaForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
-def _global_sizes(config: AptLlamaConfig) -> AptLlamaConfig:
+def _global_sizes(config: PreTrainedConfig) -> PreTrainedConfig:
     """A homogeneous copy (layer sizes from the global fields) for the parts every layer shares."""
     uniform = copy.copy(config)
     uniform.__dict__.pop("_heterogeneity_spec", None)
@@ -57,10 +71,31 @@ def _global_sizes(config: AptLlamaConfig) -> AptLlamaConfig:
     return uniform
 
 
+def _heterogeneous(name: str, config_base: type[PreTrainedConfig], model_base: type[PreTrainedModel],
+                   decoder_layer: type[nn.Module]) -> tuple[type, type]:
+    """The config and causal-LM classes `Apt{name}Config` / `Apt{name}ForCausalLM` (model type `apt_{name}`)."""
+    namespace = {"__module__": __name__, "model_type": f"apt_{name.lower()}"}
+    config_class = strict(type(f"Apt{name}Config", (HeterogeneousConfig, config_base), namespace))
+    model_namespace = {"__module__": __name__, "config_class": config_class, "decoder_layer": decoder_layer}
+    return config_class, type(f"Apt{name}ForCausalLM", (HeterogeneousForCausalLM, model_base), model_namespace)
+
+
+AptLlamaConfig, AptLlamaForCausalLM = _heterogeneous("Llama", LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer)
+AptMistralConfig, AptMistralForCausalLM = _heterogeneous("Mistral", MistralConfig, MistralForCausalLM,
+                                                         MistralDecoderLayer)
+AptQwen2Config, AptQwen2ForCausalLM = _heterogeneous("Qwen2", Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer)
+
+HETEROGENEOUS = {"llama": (AptLlamaConfig, AptLlamaForCausalLM),
+                 "mistral": (AptMistralConfig, AptMistralForCausalLM),
+                 "qwen2": (AptQwen2Config, AptQwen2ForCausalLM)}
+"""Base model type -> the (config, model) classes its per-layer export is written and loaded as."""
+
+
 def register() -> None:
-    """Make AutoConfig / AutoModelForCausalLM know `apt_llama` (idempotent)."""
-    try:
-        AutoConfig.register(MODEL_TYPE, AptLlamaConfig)
-        AutoModelForCausalLM.register(AptLlamaConfig, AptLlamaForCausalLM)
-    except ValueError:  # already registered in this process
-        pass
+    """Make AutoConfig / AutoModelForCausalLM know `apt_llama`, `apt_mistral` and `apt_qwen2` (idempotent)."""
+    for config_class, model_class in HETEROGENEOUS.values():
+        try:
+            AutoConfig.register(config_class.model_type, config_class)
+            AutoModelForCausalLM.register(config_class, model_class)
+        except ValueError:  # already registered in this process
+            pass

@@ -43,10 +43,7 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
         model_config, config_problems = checkpoint_config(cfg.model, cfg.data.seq_len)
         problems += config_problems + weight_problems(Path(cfg.model.path))
         vocab_size = model_config.get("vocab_size") if model_config else None
-        model_type = (model_config or {}).get("model_type")
-    else:
-        model_type = cfg.model.model_type
-    problems += option_problems(cfg, model_type)
+    problems += option_problems(cfg)
     chat_template = False  # a trained or SentencePiece .model tokenizer has none
     problems += target_shape_problems(cfg)
     if cfg.tokenizer.path is not None:
@@ -96,9 +93,9 @@ def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
     return raw, []
 
 
-def option_problems(cfg: RunConfig, model_type: str | None) -> list[str]:
+def option_problems(cfg: RunConfig) -> list[str]:
     """Option combinations that would fail after the finetune has run (or hang), refused before it starts."""
-    problems = [] if (layout := layout_problem(cfg.pruning.layout, model_type)) is None else [layout]
+    problems = []
     if cfg.apt.distill and _template_zero_stage(cfg.deepspeed.config) == 3:
         problems.append(f"apt.distill: self-distillation under ZeRO-3 ({cfg.deepspeed.config}) hangs a resumed run "
                         f"(the ranks' ZeRO-3 parameter traces diverge, docs/design.md §5); set apt.distill=false "
@@ -111,14 +108,6 @@ def _template_zero_stage(path: str) -> int | None:
         return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
     except (OSError, ValueError, AttributeError):  # a bad template is reported by the config checks
         return None
-
-
-def layout_problem(layout: str, model_type: str | None) -> str | None:
-    """Per-layer sizes export as `apt_llama` (transformers' per-layer LlamaConfig), for llama models only."""
-    if layout == "per_layer" and model_type not in (None, "llama"):
-        return (f"pruning.layout: per_layer is exported for llama models only, not {model_type}; "
-                f"use pruning.layout=uniform")
-    return None
 
 
 def target_shape_problems(cfg: RunConfig) -> list[str]:

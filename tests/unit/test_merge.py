@@ -27,7 +27,7 @@ LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
     generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
     assert ("pipeline" in sys.modules) == (sys.argv[4] == "import-pipeline")
     torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
-                "generated": generated.shape[1]}, sys.argv[3])
+                "generated": generated.shape[1], "model_type": model.config.model_type}, sys.argv[3])
 """)
 
 CASES = {
@@ -38,6 +38,9 @@ CASES = {
     "llama-per_layer-kv_group": dict(arch="llama", num_kv_heads=2, mode="kv_group", layout="per_layer"),
     "llama-per_layer-query_in_group": dict(arch="llama", num_kv_heads=2, mode="query_in_group",
                                            layout="per_layer"),
+    "mistral-per_layer-query_in_group": dict(arch="mistral", num_kv_heads=2, mode="query_in_group",
+                                             layout="per_layer"),
+    "qwen2-bias-per_layer-kv_group": dict(arch="qwen2", num_kv_heads=2, mode="kv_group", layout="per_layer"),
 }
 
 
@@ -63,6 +66,8 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     scores = {"head": torch.rand(shape.num_layers, shape.num_heads, generator=generator),
               "neuron": torch.rand(shape.num_layers, shape.intermediate_size, generator=generator),
               "hidden": torch.rand(shape.hidden_size, generator=generator)}
+    if layout == "per_layer":  # layer 0's heads rank first: it keeps more (KV) heads than the others, not only neurons
+        scores["head"][0] += 1.0
     masks = search_masks(shape, scores, 0.5, attention_mode=mode, layout=layout, round_to=1, min_hidden=8)
     set_masks(model, masks)
     with torch.no_grad():
@@ -81,6 +86,10 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     assert result["params"] == summary["params"] == remaining_params(shape, kept_sizes(masks))
     assert result["generated"] == 4 + 5
     assert summary["per_layer"] == (layout == "per_layer")  # the scores above give unequal layers
+    if layout == "per_layer":
+        kept = kept_sizes(masks)
+        assert len(set(kept.heads)) > 1 and len(set(kept.neurons)) > 1
+    assert result["model_type"] == (f"apt_{spec['arch']}" if layout == "per_layer" else spec["arch"])
 
 
 @pytest.fixture

@@ -62,9 +62,11 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
 
 def model_shape(config) -> dict:
     """The sizes a reader compares: hidden, layers, query / KV heads, MLP neurons (layer 0's for per_layer)."""
-    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads, "intermediate": config.intermediate_size,
-            "per_layer": bool(getattr(config, "is_heterogeneous", False))}
+    per_layer = bool(getattr(config, "is_heterogeneous", False))
+    # transformers refuses a global read of an attribute that differs per layer; layer 0's view answers it.
+    layer = config.per_layer_config[0] if per_layer else config
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": layer.num_attention_heads,
+            "kv_heads": layer.num_key_value_heads, "intermediate": layer.intermediate_size, "per_layer": per_layer}
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

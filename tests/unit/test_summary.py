@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pipeline.evaluation import interleaved_speedup
+from pipeline.export import heterogeneous_config
 from pipeline.layout import RunLayout
+from pipeline.stages.eval import model_shape
 from pipeline.summary import describe_speed, run_summary
 
 
@@ -44,3 +46,11 @@ def test_summary_names_sizes_scores_speed_and_how_to_load(tmp_path):
                      "16.00 -> 19.00 (x1.19)", "bits_per_byte 2.5 -> 2.75", "x1.40 generation",
                      f'AutoModelForCausalLM.from_pretrained("{layout.export}")'):
         assert expected in text, (expected, text)
+
+
+def test_the_shape_of_a_per_layer_export_is_read_from_layer_0(tiny_model):
+    config = tiny_model(num_layers=2).config
+    hetero = heterogeneous_config(config, {1: {"intermediate_size": 32, "num_attention_heads": 2}})
+    shape = model_shape(hetero)
+    assert shape == {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 96, "per_layer": True}
+    assert model_shape(config)["per_layer"] is False

@@ -10,29 +10,30 @@
 #
 #   --hostfile       one `hostname slots=G` line per node; this (head) node first
 #   --gpus-per-node  default 8
-#   --master-addr    rank 0's address, reachable from every node; default: this host's name
+#   --master-addr    rank 0's address, reachable from every node; default: the hostfile's first host
 #   --master-port    default 29500
-# It sets deepspeed.launcher_args to pass --master_addr: a launcher_args override of your own
-# replaces that list, so put `--master_addr HOST` in it too.
+# --master-addr sets deepspeed.launcher_args: a launcher_args override of your own replaces that
+# list, so put `--master_addr HOST` in it too.
 #
 # Requirements, as for any DeepSpeed multi-node run:
 #   - The run directory (run.root), the repository and the data are on storage that every node
 #     sees at the same path (NFS, Lustre, ...): stages write checkpoints, datasets and manifests
 #     there, and the runner starts each rank in this directory on its node.
 #   - Passwordless ssh from this node to every host, and the same Python environment on each.
-#   - The runner forwards NCCL_*, PYTHON*, MLFLOW* and UCX* variables itself; this script adds the
-#     HF_*, TOKENIZERS_PARALLELISM, TORCH_EXTENSIONS_DIR and DS_ACCELERATOR that are set here, plus
-#     the lines of ~/.deepspeed_env, through a temporary DS_ENV_FILE.
+#   - The runner forwards NCCL_*, PYTHON*, MLFLOW* and UCX* variables itself; the driver adds
+#     DS_ACCELERATOR, TORCH_*, OMP_*, HF_HUB_*, HF_DATASETS_*, HF_HOME, TOKENIZERS_PARALLELISM and PATH
+#     (the venv's bin first), then the lines of ~/.deepspeed_env and ./.deepspeed_env
+#     (pipeline/nodes.py).
 #   - Only this node talks to MLflow: the embedded store in the run directory works; a server
 #     (launch/mlflow_server.sh, tracking.uri=http://...) lets others watch the run.
 set -euo pipefail
 
 usage() {
-  sed -n '2,30p' "$0" >&2
+  sed -n '2,28p' "$0" >&2
   exit 2
 }
 
-config="" hostfile="" nodes="" gpus_per_node=8 master_addr=$(hostname) master_port=29500
+config="" hostfile="" nodes="" gpus_per_node=8 master_addr="" master_port=29500
 overrides=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -54,23 +55,10 @@ if [[ ! -f $hostfile ]]; then
   exit 2
 fi
 
-export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
-export PDSH_RCMD_TYPE=${PDSH_RCMD_TYPE:-ssh}
-
-# DeepSpeed reads DS_ENV_FILE instead of ~/.deepspeed_env, so that file's lines are copied in first.
-env_file=$(mktemp)
-trap 'rm -f "$env_file"' EXIT
-if [[ -f $HOME/.deepspeed_env ]]; then
-  cat "$HOME/.deepspeed_env" >>"$env_file"
+if [[ -n $master_addr ]]; then
+  overrides=("deepspeed.launcher_args=[--master_addr, $master_addr]" "${overrides[@]}")
 fi
-for name in HF_HOME HF_HUB_OFFLINE HF_DATASETS_OFFLINE TOKENIZERS_PARALLELISM TORCH_EXTENSIONS_DIR DS_ACCELERATOR; do
-  if [[ -n ${!name:-} ]]; then
-    echo "$name=${!name}" >>"$env_file"
-  fi
-done
-export DS_ENV_FILE=$env_file
 
 "${APT_PIPELINE:-apt-pipeline}" run --config "$config" \
   "deepspeed.num_nodes=$nodes" "deepspeed.num_gpus=$gpus_per_node" \
-  "deepspeed.hostfile=$(realpath "$hostfile")" "deepspeed.master_port=$master_port" \
-  "deepspeed.launcher_args=[--master_addr, $master_addr]" "${overrides[@]}"
+  "deepspeed.hostfile=$(realpath "$hostfile")" "deepspeed.master_port=$master_port" "${overrides[@]}"

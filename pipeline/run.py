@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoints, preflight, tracking
+from pipeline import checkpoints, nodes, preflight, tracking
 from pipeline import config as config_lib
 from pipeline.dist import get_logger, is_main, rank, world_size
 from pipeline.layout import RunLayout
@@ -165,11 +166,16 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
     env = os.environ.copy()
     if not _has_cuda():  # CPU ranks share the cores; oversubscribed BLAS threads make steps erratic
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.deepspeed.num_gpus)))
-    result = subprocess.run(command, env=env)
+    # Ranks on the hosts of a hostfile start in a fresh login shell: the settings travel in a .deepspeed_env.
+    with nodes.node_env(env) if cfg.deepspeed.hostfile is not None else contextlib.nullcontext(env) as env:
+        result = subprocess.run(command, env=env)
     if result.returncode != 0:
         ranks = describe_rank_failures(stage_dir) or "no rank recorded a failure (the launcher itself failed?)"
-        raise StageFailed(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n"
-                          f"Running the same command again resumes it from its last checkpoint.")
+        again = "Running the same command again resumes it from its last checkpoint"
+        if cfg.deepspeed.hostfile is not None:
+            again += (", also with a lost host left out of deepspeed.hostfile and deepspeed.num_nodes lowered (a "
+                      "checkpoint resumes on another number of ranks)")
+        raise StageFailed(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n{again}.")
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest["fingerprint"] != fp:
         raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {stage_dir}")
@@ -190,7 +196,7 @@ def deepspeed_command(section: config_lib.DeepSpeedSection, stage_name: str, con
                "--num_nodes", str(section.num_nodes), "--num_gpus", str(section.num_gpus),
                "--master_port", str(section.master_port), "--no_local_rank"]
     if section.hostfile is not None:
-        command += ["--hostfile", section.hostfile]
+        command += ["--hostfile", section.hostfile, *nodes.launcher_args(section)]
     command += [*section.launcher_args, "--module", "pipeline.cli", "stage", stage_name, "--worker",
                 "--config", str(config_path)]
     return command

@@ -25,6 +25,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 RANKS = ".ranks"
 """Inside a distributed stage's folder: one status file per rank, so a failure can be pinned on a rank."""
+NODE_NAME = "APT_NODE_NAME"
+"""Set on the ranks of a hostfile launch to their node's name in the hostfile (pipeline/nodes.py)."""
 TRACKED_PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "sentencepiece", "mlflow", "apt-pipeline")
 TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
 """What torch.save's C++ zip writer raises (a RuntimeError without errno) when the file system refuses a write."""
@@ -207,8 +209,10 @@ def write_manifest(stage_dir: Path, *, stage: str, fingerprint: str, inputs: dic
 
 def write_rank_status(stage_dir: Path, rank: int, status: str, detail: str = "") -> None:
     """Record what this rank is doing (running, done, failed) for the driver to read after a failure."""
-    record = {"rank": rank, "status": status, "detail": detail, "pid": os.getpid(), "host": platform.node(),
-              "time": time.time()}
+    # The hostfile's name for the node is the one a user can act on (and the only one that tells apart nodes
+    # that share a machine, as the tests' do).
+    host = os.environ.get(NODE_NAME) or platform.node()
+    record = {"rank": rank, "status": status, "detail": detail, "pid": os.getpid(), "host": host, "time": time.time()}
     write_atomic(stage_dir / RANKS / f"rank{rank}.json", json.dumps(record))
 
 

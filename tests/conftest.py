@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_model_untouched():
+    """The committed base model is every default config's model.path: a test that writes there fails the run."""
+    folder = REPO / config_lib.DEFAULT_MODEL
+    before = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+    yield
+    after = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+    assert after == before, f"a test changed {folder}; give it ModelSection(path=None) or model.path=null"
 
 
 @pytest.fixture(autouse=True)

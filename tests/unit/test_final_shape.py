@@ -21,6 +21,9 @@ from pipeline.stage import save_tensors
 from pipeline.stages import finalize
 from pipeline.stages.salience import choose_final_shape
 
+BUILT_MODEL = ModelSection(path=None)
+"""A model built from the config in the run directory (the default model.path is the committed base model)."""
+
 
 class Engine(nn.Module):
     """What the salience stage hands over: `.module` is the wrapped model, forward goes through to it."""
@@ -39,7 +42,7 @@ def run_dir_with(tmp_path, trained: MaskSet | None = None):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    layout = RunLayout(tmp_path, ModelSection())
+    layout = RunLayout(tmp_path, BUILT_MODEL)
     config.save_pretrained(layout.base_model)
     inject_adapters(model, targets=["q_proj", "v_proj"], rank=2, alpha=4.0)
     shape = ModelShape.from_config(config)
@@ -64,7 +67,7 @@ def batch_at(index: int) -> dict:
 def test_salience_chooses_the_final_shape_and_finalize_keeps_it(tmp_path, layout_name):
     layout, model, shape, scores = run_dir_with(tmp_path)
     pruning = PruningSection(target_remaining=0.5, layout=layout_name, shape_candidates=4, shape_batches=2)
-    cfg = SimpleNamespace(pruning=pruning, model=ModelSection(), salience=SalienceSection(batches=3))
+    cfg = SimpleNamespace(pruning=pruning, model=BUILT_MODEL, salience=SalienceSection(batches=3))
     choose_final_shape(cfg, layout, Engine(model), shape, scores, batch_at)
     assert torch.equal(get_masks(model).hidden_mask, torch.ones(64))  # the fine-tune's masks are back
 
@@ -75,7 +78,7 @@ def test_salience_chooses_the_final_shape_and_finalize_keeps_it(tmp_path, layout
     assert chosen["loss"] == min(row["loss"] for row in rows)
     assert all(0.45 <= row["remaining_fraction"] <= 0.5 for row in rows)  # a tiny model: coarse steps
 
-    summary = finalize.run(FinalizeConfig(model=ModelSection(), pruning=pruning), tmp_path)
+    summary = finalize.run(FinalizeConfig(model=BUILT_MODEL, pruning=pruning), tmp_path)
     final = MaskSet.from_dict(load_file(str(layout.final_masks)))
     written = MaskSet.from_dict(load_file(str(layout.salience.parent / SHAPE_MASKS)))
     assert all(torch.equal(a, b) for a, b in zip(final.to_dict().values(), written.to_dict().values(), strict=True))
@@ -95,11 +98,11 @@ def test_a_finetune_that_reached_its_target_keeps_its_masks(tmp_path):
                                    "hidden": torch.rand(64, generator=generator)}, 0.5, round_to=8, min_hidden=16)
     layout, model, shape, scores = run_dir_with(tmp_path, trained)
     pruning = PruningSection(target_remaining=0.5)
-    cfg = SimpleNamespace(pruning=pruning, model=ModelSection(), salience=SalienceSection(batches=3))
+    cfg = SimpleNamespace(pruning=pruning, model=BUILT_MODEL, salience=SalienceSection(batches=3))
     choose_final_shape(cfg, layout, Engine(model), shape, scores, batch_at)
     rows = json.loads((layout.salience.parent / SHAPE_REPORT).read_text())["candidates"]
     assert len(rows) == 1 and rows[0]["loss"] is None
-    finalize.run(FinalizeConfig(model=ModelSection(), pruning=pruning), tmp_path)
+    finalize.run(FinalizeConfig(model=BUILT_MODEL, pruning=pruning), tmp_path)
     final = MaskSet.from_dict(load_file(str(layout.final_masks)))
     assert all(torch.equal(a, b) for a, b in zip(final.to_dict().values(), trained.to_dict().values(), strict=True))
     assert remaining_params(shape, kept_sizes(final)) <= 0.5 * total_params(shape)
@@ -108,7 +111,7 @@ def test_a_finetune_that_reached_its_target_keeps_its_masks(tmp_path):
 def test_finalize_without_the_chosen_masks_names_the_stage_to_rerun(tmp_path):
     run_dir_with(tmp_path)
     with pytest.raises(FileNotFoundError, match="salience stage"):
-        finalize.run(FinalizeConfig(model=ModelSection(), pruning=PruningSection()), tmp_path)
-    summary = finalize.run(FinalizeConfig(model=ModelSection(), pruning=PruningSection(shape_search="global")),
+        finalize.run(FinalizeConfig(model=BUILT_MODEL, pruning=PruningSection()), tmp_path)
+    summary = finalize.run(FinalizeConfig(model=BUILT_MODEL, pruning=PruningSection(shape_search="global")),
                            tmp_path)
     assert summary["remaining_fraction"] <= 0.5

@@ -8,6 +8,9 @@ from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, wi
 from pipeline.config import ModelSection
 from pipeline.teacher import SharedTeacher, load_teacher, write_teacher
 
+BUILT_MODEL = ModelSection(path=None)
+"""A model built from the config in the run directory (the default model.path is the committed base model)."""
+
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -28,7 +31,7 @@ def test_written_teacher_computes_the_shared_teachers_outputs(tmp_path, tiny_mod
     shared = SharedTeacher(freeze_adapters(student))
     write_teacher(shared.adapters, tmp_path / "base", tmp_path / "teacher", scaling=8.0 / 4, dtype=torch.float32,
                   trust_remote_code=False)
-    frozen = load_teacher(ModelSection(), tmp_path / "teacher", tmp_path, 0, torch.float32)
+    frozen = load_teacher(BUILT_MODEL, tmp_path / "teacher", tmp_path, 0, torch.float32)
     assert not any(p.requires_grad for p in frozen.model.parameters())
 
     expected = shared.outputs(Plain(student), input_ids)

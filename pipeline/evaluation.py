@@ -47,8 +47,8 @@ def interleaved_speedup(base, pruned, prompts: torch.Tensor, new_tokens: int, ro
     ratios = [b / p for b, p in zip(seconds["base"], seconds["pruned"], strict=True)]
     median = statistics.median(ratios)
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median, median, median)
-    tokens = prompts.shape[0] * new_tokens
-    return {"speedup": median, "spread": (q3 - q1) / median, "reliable": (q3 - q1) / median <= max_spread,
+    tokens, spread = prompts.shape[0] * new_tokens, (q3 - q1) / median
+    return {"speedup": median, "spread": spread, "reliable": spread <= max_spread,
             "ratios": ratios, "rounds": rounds, "threads": torch.get_num_threads(),
             "base_tokens_per_s": tokens / statistics.median(seconds["base"]),
             "pruned_tokens_per_s": tokens / statistics.median(seconds["pruned"])}

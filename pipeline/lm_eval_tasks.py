@@ -5,6 +5,7 @@ The metrics are lm-eval's own; this module only names the local task and flatten
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 HELDOUT_TASK = "apt_heldout"
@@ -43,14 +44,16 @@ def lm_eval_scores(model, tokenizer, names: tuple[str, ...], heldout: Path, *, b
 def task_problems(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """Start-up check of `eval.lm_eval_tasks`: lm-eval installed, every name a task it knows or the local one.
     Also returns {task: hub dataset it reads}, for the caller's offline check."""
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
+    if not names:
+        return [], {}
+    if importlib.util.find_spec("lm_eval") is None:  # found, not imported: the default run's start-up stays quick
         return ["eval.lm_eval_tasks: lm-eval-harness is not installed; pip install -e '.[eval]' "
                 "(make install does), or set eval.lm_eval_tasks=[]"], {}
     hub_names = [name for name in names if name != HELDOUT_TASK]
     if not hub_names:
         return [], {}
+    from lm_eval.tasks import TaskManager
+
     index = TaskManager().task_index  # parses lm-eval's task YAML files, reads no dataset
     problems = [f"eval.lm_eval_tasks: {name!r} is not an lm-eval task (`lm-eval ls tasks` lists them; "
                 f"{HELDOUT_TASK!r} is the offline held-out task)" for name in hub_names if name not in index]

@@ -27,10 +27,11 @@ def build_config(model_cfg, vocab_size: int):
 
 
 def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, seed: int,
-                    directory: Path | None = None):
-    """The frozen base in fp32 (DeepSpeed casts it): `directory` (default: the original base), or a fresh build.
+                    directory: Path | None = None, dtype: torch.dtype | None = None):
+    """The frozen base: `directory` (default: the original base), or a fresh build.
 
-    Under ZeRO-3 a checkpoint is loaded partitioned (HfDeepSpeedConfig), so no rank holds the whole model.
+    Under ZeRO-3 a checkpoint is loaded partitioned (HfDeepSpeedConfig), so no rank holds the whole model, and read
+    in the dtype ZeRO-3 partitions in. Otherwise it is read in `dtype` (default fp32; DeepSpeed casts it).
     A fresh build uses the same seed on every rank, so no rank waits for another; rank 0 saves it once.
     """
     if directory is not None and not (directory / "config.json").is_file():
@@ -38,9 +39,13 @@ def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, 
                                 f"refer to is missing; restore it, or delete {directory.parent} to start over")
     directory = directory or RunLayout(run_dir, model_cfg).base_model
     if (directory / "config.json").is_file():
+        zero3 = zero_stage(ds_config) == 3
         # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
-        _ds_context = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+        _ds_context = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
+        # ZeRO-3 keeps the partitions in its 16-bit dtype anyway: reading the shards in fp32 would only add an fp32
+        # copy of each shard (2 GB per 1 GB shard on the rank that reads them).
+        dtype = partition_dtype(ds_config) if zero3 else dtype or torch.float32
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
                                                     trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.path is not None:
         raise FileNotFoundError(f"model.path: {directory}/config.json not found; give a from_pretrained folder")
@@ -51,6 +56,15 @@ def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, 
         model.save_pretrained(str(tmp))
         os.replace(tmp, directory)
     return model
+
+
+def partition_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype ZeRO-3 stores weights in: the config's 16-bit type, else fp32 (what `zero.Init` picks)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def load_adapters(model, path: Path, max_rank: int | None = None) -> None:

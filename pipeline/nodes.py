@@ -21,9 +21,10 @@ from pipeline.dist import get_logger
 from pipeline.stage import NODE_NAME
 
 FORWARDED = frozenset({"DS_ACCELERATOR", "HF_HOME", "TOKENIZERS_PARALLELISM", "PATH", "VIRTUAL_ENV"})
-FORWARDED_PREFIXES = ("HF_HUB_", "HF_DATASETS_", "TRANSFORMERS_", "TORCH_", "OMP_", "MKL_", "GLOO_")
+FORWARDED_PREFIXES = ("HF_HUB_", "HF_DATASETS_", "TRANSFORMERS_", "TORCH_", "OMP_", "MKL_", "GLOO_", "MALLOC_")
 """Driver settings the ranks need that the runner does not pass on: the accelerator, the torch extensions build
-folder (without it each node rebuilds DeepSpeed's ops, a minute each), offline hub settings, CPU thread counts.
+folder (without it each node rebuilds DeepSpeed's ops, a minute each), offline hub settings, CPU thread counts and
+glibc's allocator settings (`CPU_RANK_ENV` in pipeline/run.py).
 HF_TOKEN and the like stay home: ranks read the model from shared storage, not from the hub."""
 UNSAFE_VALUE = re.compile(r'["$`\\%\n]')
 """Characters the runner's `export K="V";` line would expand or pdsh would substitute (%h, %n)."""

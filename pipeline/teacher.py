@@ -74,9 +74,10 @@ def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: to
     Not partitioned under ZeRO-3: a second ZeRO-3 engine beside the student's let the ranks' parameter-fetch
     traces of the student diverge after a resume and a compaction (a hang), so the teacher is a plain module.
     """
-    model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory)  # {}: no ZeRO-3 partitioning
+    # {}: no ZeRO-3 partitioning; read in the training dtype directly, not through a whole fp32 copy.
+    model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory, dtype=dtype)
     model.requires_grad_(False)
-    return FrozenTeacher(model.to(dtype).eval())
+    return FrozenTeacher(model.eval())
 
 
 def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, run_dir: Path, seed: int,

@@ -1,5 +1,6 @@
 import errno
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -157,3 +158,18 @@ def test_write_failure_knows_refused_writes_and_nothing_else(tmp_path):
     assert write_failure(full, tmp_path) is full
     for other in (FileNotFoundError(errno.ENOENT, "gone"), RuntimeError("CUDA out of memory"), ValueError("bad")):
         assert write_failure(other, path) is None
+
+
+def test_cpu_ranks_get_thread_and_allocator_settings_unless_the_user_set_them(monkeypatch):
+    monkeypatch.setattr(driver, "_has_cuda", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = driver.rank_environment(ranks_per_node=2)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert driver.rank_environment(ranks_per_node=2)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    monkeypatch.setattr(driver, "_has_cuda", lambda: True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert "MALLOC_MMAP_THRESHOLD_" not in driver.rank_environment(ranks_per_node=2)  # GPU ranks: left alone

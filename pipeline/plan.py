@@ -1,8 +1,10 @@
 """`apt-pipeline plan`: per-GPU memory of an APT finetune for a model × ZeRO stage × world size.
 
 DeepSpeed's estimators assume every parameter trains; in APT only the adapters do. So the frozen bf16 base
-(replicated under ZeRO-2, partitioned under ZeRO-3, in CPU memory with offload) is counted here, the adapters'
-states come from `estimate_zero{2,3}_model_states_mem_needs`, and activations are added to every column.
+(replicated under ZeRO-2, partitioned under ZeRO-3, in CPU memory with offload) and the weights ZeRO-3 keeps
+gathered are counted here, the adapters' states come from `estimate_zero{2,3}_model_states_mem_needs`, and
+activations are added to every column. `--cpu` plans DeepSpeed's CPU ranks, whose runtime shares their memory.
+Checked against a 1.1 B-parameter run by bench/scale/run_scale.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ ACTIVATION_VALUES_PER_CHANNEL = 23
 """bf16 values kept for backward per token, hidden channel and layer of a LLaMA block with APT masks and adapters
 (SDPA, no activation checkpointing); measured with saved-tensor hooks: 20.9 at f = 2.7d (LLaMA-2), 22.6 at f = 3.5d
 (LLaMA-3), 16-17 without APT (Korthikanti et al.'s 34 bytes). Linear in sequence length: SDPA keeps no scores."""
+CPU_RANK_RUNTIME_BYTES = int(0.6 * GIB)
+"""DeepSpeed on CPU: what one rank process holds before any model is loaded (interpreter, torch, transformers,
+DeepSpeed, datasets imported): 0.50-0.54 GiB measured (bench/scale/memory_worker.py, the pipeline's imports), with
+room for gloo's buffers."""
+ZERO3_MAX_LIVE_PARAMETERS = 10**9
+"""DeepSpeed's default `stage3_max_live_parameters`, which the ZeRO-3 templates keep: ZeRO-3 leaves gathered (bf16)
+up to this many parameters whose next use is near, on top of the partitions (measured at 1.1 B, bench/scale)."""
 LOSS_BYTES_PER_LOGIT = 10
 """The loss's peak per token and vocabulary entry: bf16 logits, their fp32 copy, the fp32 log-softmax."""
 DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -81,8 +90,12 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int) -> int:
 
 
 def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node: int = 8, micro_batch: int = 1,
-                seq_len: int = 2048, rank: int = 64, targets: tuple[str, ...] = DEFAULT_TARGETS) -> MemoryPlan:
-    """Per-GPU memory of an APT finetune of `shape` on `world_size` GPUs under ZeRO-2, ZeRO-3 and ZeRO-3+offload."""
+                seq_len: int = 2048, rank: int = 64, targets: tuple[str, ...] = DEFAULT_TARGETS,
+                max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS, cpu: bool = False) -> MemoryPlan:
+    """Per-GPU memory of an APT finetune of `shape` on `world_size` GPUs under ZeRO-2, ZeRO-3 and ZeRO-3+offload.
+
+    `cpu`: DeepSpeed on CPU, one process per rank; each rank's own runtime is added to every column.
+    """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -94,6 +107,8 @@ def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node:
     adapters = adapter_params(shape, targets, rank)
     largest = largest_layer_params(shape)
     activations = activation_bytes(shape, micro_batch, seq_len)
+    runtime = CPU_RANK_RUNTIME_BYTES if cpu else 0
+    gathered = BF16_BYTES * min(max_live_parameters, base)
     hardware = {"num_gpus_per_node": per_node, "num_nodes": nodes}
     _, zero2_adapters = estimate_zero2_model_states_mem_needs(adapters, cpu_offload=False, **hardware)
     _, zero3_adapters, _ = estimate_zero3_model_states_mem_needs(adapters, largest, cpu_offload=False,
@@ -102,9 +117,9 @@ def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node:
                                                                         cpu_offload_params=True, **hardware)
     return MemoryPlan(
         model=name, world_size=world_size, base_params=base, adapter_params=adapters, activation_bytes=activations,
-        zero2=BF16_BYTES * base + zero2_adapters + activations,
-        zero3=BF16_BYTES * base // world_size + zero3_adapters + activations,
-        zero3_offload=offload_gpu + activations,
+        zero2=BF16_BYTES * base + zero2_adapters + activations + runtime,
+        zero3=BF16_BYTES * base // world_size + gathered + zero3_adapters + activations + runtime,
+        zero3_offload=offload_gpu + gathered + activations + runtime,
         offload_cpu_per_node=BF16_BYTES * base // nodes + offload_cpu,
     )
 
@@ -143,6 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapter rank to plan for; default apt.rank 8 x max_rank_multiplier 8, the cap growth "
                              "can reach (an upper bound: APT grows only the most salient adapters)")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated adapted projections")
+    parser.add_argument("--max-live-parameters", type=float, default=ZERO3_MAX_LIVE_PARAMETERS, metavar="N",
+                        help="the ZeRO-3 template's stage3_max_live_parameters (default: DeepSpeed's 1e9, which "
+                             "ds_configs/zero3_*.json keep): ZeRO-3 keeps up to this many parameters gathered")
+    parser.add_argument("--cpu", action="store_true",
+                        help="DeepSpeed on CPU (DS_ACCELERATOR=cpu): memory per rank process, its runtime included; "
+                             "--gpus-per-node is then the ranks per host")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -153,10 +174,13 @@ def main(args: argparse.Namespace) -> int:
         models = list(BUILTIN_MODELS.items())
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     plans = [plan_memory(name, shape, world_size, gpus_per_node=args.gpus_per_node, micro_batch=args.micro_batch,
-                         seq_len=args.seq_len, rank=args.rank, targets=targets)
+                         seq_len=args.seq_len, rank=args.rank, targets=targets,
+                         max_live_parameters=int(args.max_live_parameters), cpu=args.cpu)
              for name, shape in models for world_size in args.world_size or DEFAULT_WORLD_SIZES]
     print(markdown_table(plans))
-    print(f"\nGiB per GPU: frozen bf16 base + adapter states (DeepSpeed's estimators) + activations "
+    unit = "GiB per rank process (DeepSpeed on CPU, runtime included)" if args.cpu else "GiB per GPU"
+    print(f"\n{unit}: frozen bf16 base (ZeRO-3: its partition plus up to {args.max_live_parameters:.0e} parameters "
+          f"kept gathered) + adapter states (DeepSpeed's estimators) + activations "
           f"(micro batch {args.micro_batch} x {args.seq_len} tokens, no activation checkpointing); "
           f"adapter rank {args.rank} on {', '.join(targets)}.")
     return 0

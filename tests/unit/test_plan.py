@@ -34,11 +34,32 @@ def test_adapter_states_are_deepspeeds_estimate_for_the_trainable_part():
                                                      cpu_offload=False)
     _, zero3, _ = estimate_zero3_model_states_mem_needs(p.adapter_params, largest, num_gpus_per_node=8, num_nodes=2,
                                                         cpu_offload=False, cpu_offload_params=False)
+    gathered = 2 * plan.ZERO3_MAX_LIVE_PARAMETERS  # ZeRO-3 keeps up to 1e9 parameters gathered (DeepSpeed's default)
     assert p.zero2 == base + zero2 + p.activation_bytes
-    assert p.zero3 == base // 16 + zero3 + p.activation_bytes
-    assert p.zero3_offload == 4 * largest + p.activation_bytes
+    assert p.zero3 == base // 16 + gathered + zero3 + p.activation_bytes
+    assert p.zero3_offload == 4 * largest + gathered + p.activation_bytes
     # DeepSpeed's documented bytes per trained parameter: 2 (16-bit weights) + 18 / N (gradients, fp32 master, Adam).
     assert zero2 == 2 * 95_420_416 + 18 * 95_420_416 // 16
+
+
+def test_gathered_parameters_are_capped_by_the_model_and_the_template():
+    small = plan.ModelShape(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64,
+                            intermediate_size=512, tie_word_embeddings=False, qkv_bias=False)
+    whole = plan.plan_memory("small", small, 2, gpus_per_node=2)
+    capped = plan.plan_memory("small", small, 2, gpus_per_node=2, max_live_parameters=1000)
+
+    # A model under the live-parameter cap stays gathered whole: its bf16 copy on top of the partition.
+    assert whole.zero3 - capped.zero3 == 2 * (total_params(small) - 1000)
+    assert whole.zero2 == capped.zero2  # ZeRO-2 gathers nothing
+
+
+def test_cpu_plan_adds_each_ranks_runtime_to_every_column():
+    gpu = plan.plan_memory("7b", LLAMA2_7B, 8)
+    cpu = plan.plan_memory("7b", LLAMA2_7B, 8, cpu=True)
+
+    runtime = plan.CPU_RANK_RUNTIME_BYTES
+    assert (cpu.zero2 - gpu.zero2, cpu.zero3 - gpu.zero3, cpu.zero3_offload - gpu.zero3_offload) == (runtime,) * 3
+    assert cpu.offload_cpu_per_node == gpu.offload_cpu_per_node
 
 
 def test_activation_estimate():
@@ -75,6 +96,12 @@ def test_plan_command_prints_four_models_on_three_world_sizes(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama")]
     assert [row.split(" | ")[0:2] for row in rows] == [[f"| {m}", str(n)] for m in plan.BUILTIN_MODELS
                                                        for n in (8, 16, 64)]
+
+
+def test_plan_command_for_cpu_ranks_says_so(capsys):
+    assert cli.main(["plan", "--cpu", "--model", "llama-2-7b", "--world-size", "2", "--gpus-per-node", "2"]) == 0
+
+    assert "per rank process (DeepSpeed on CPU, runtime included)" in capsys.readouterr().out
 
 
 def test_uneven_world_size_is_refused():

@@ -34,13 +34,16 @@ from pipeline.stages import finalize, finetune, merge, prep, salience
 from pipeline.summary import run_summary
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prep", prep.Config, (), prep.run),
-    Stage("finetune", finetune.Config, ("prep",), finetune.run, distributed=True),
-    Stage("salience", salience.Config, ("finetune",), salience.run, distributed=True),
-    Stage("finalize", finalize.Config, ("finetune", "salience"), finalize.run),
-    Stage("merge", merge.Config, ("prep", "finetune", "finalize"), merge.run),
-    Stage("eval", eval_stage.Config, ("prep", "merge"), eval_stage.run),
+    Stage("prep", prep.Config, (), prep.run, outputs=("tokenizer", "dataset", "heldout.jsonl")),
+    Stage("finetune", finetune.Config, ("prep",), finetune.run, distributed=True,
+          outputs=("adapters.safetensors", "apt_state.safetensors", "apt_state.json")),
+    Stage("salience", salience.Config, ("finetune",), salience.run, distributed=True,
+          outputs=("salience.safetensors",)),
+    Stage("finalize", finalize.Config, ("finetune", "salience"), finalize.run, outputs=("masks.safetensors",)),
+    Stage("merge", merge.Config, ("prep", "finetune", "finalize"), merge.run, outputs=("model",)),
+    Stage("eval", eval_stage.Config, ("prep", "merge"), eval_stage.run, outputs=("metrics.json",)),
 )
+"""The chain. `outputs` are what later stages (and the user) read; docs/design.md §1 lists the files."""
 CPU_RANK_ENV = {
     # glibc raises its mmap threshold each time a large block is freed; after that, the weights ZeRO-3 gathers and
     # frees every step stay in the heap and a rank's resident memory creeps up (1.6x the plan after 4 steps at
@@ -90,7 +93,8 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
     with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
         for stage in STAGES:
             rerun_rest = rerun_rest or stage.name == from_stage
-            if not rerun_rest and is_done(run_dir / stage.name, expected_fingerprint(stage, cfg, run_dir)):
+            fp = expected_fingerprint(stage, cfg, run_dir)
+            if not rerun_rest and is_done(run_dir / stage.name, fp, stage.outputs):
                 log.info("%-9s done, skipped", stage.name)
                 tracking.record_skipped(mlflow_run, run_dir / stage.name)
                 continue

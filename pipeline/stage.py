@@ -53,6 +53,9 @@ class Stage:
     run: Callable
     """`run(cfg, run_dir) -> dict` of summary figures; `cfg` is an instance of `config`."""
     distributed: bool = False
+    outputs: tuple[str, ...] = ()
+    """Files and folders (relative to the stage's folder) that later stages read. A manifest without one was
+    written by an older version of the stage: the stage is not done, so it runs again before anything reads it."""
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -172,12 +175,15 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def is_done(stage_dir: Path, expected_fingerprint: str) -> bool:
-    """Done = a manifest with this fingerprint whose recorded outputs all still exist."""
+def is_done(stage_dir: Path, expected_fingerprint: str, required: tuple[str, ...] = ()) -> bool:
+    """Done = a manifest with this fingerprint whose recorded outputs all still exist and include `required`."""
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest.get("fingerprint") != expected_fingerprint:
         return False
-    return all((stage_dir / rel).is_file() for rel in manifest.get("outputs", {}))
+    recorded = manifest.get("outputs", {})
+    if not all(any(rel == name or rel.startswith(f"{name}/") for rel in recorded) for name in required):
+        return False
+    return all((stage_dir / rel).is_file() for rel in recorded)
 
 
 def is_output(path: Path, stage_dir: Path) -> bool:

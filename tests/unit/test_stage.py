@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 import os
@@ -115,6 +116,26 @@ def test_deleted_output_makes_stage_stale(tmp_path, counting_stages):
     time.sleep(0.01)
     driver.run_pipeline(cfg)
     assert counting_stages == ["a", "b", "a", "b"]
+
+
+def test_manifest_without_a_declared_output_is_from_an_older_version_and_reruns(tmp_path, counting_stages,
+                                                                              monkeypatch):
+    from pipeline import config as config_lib
+
+    cfg = config_lib.load(None, [f"run.root={tmp_path}"])
+    driver.run_pipeline(cfg)
+    # A newer version of stage a also writes new.txt, which b now reads: a's old manifest does not record it.
+    a, b = driver.STAGES
+    monkeypatch.setattr(driver, "STAGES", (dataclasses.replace(a, outputs=("out.txt", "new.txt")), b))
+    driver.run_pipeline(cfg)
+    assert counting_stages == ["a", "b", "a", "b"]
+    assert not is_done(tmp_path / "tiny" / "a", json.loads((tmp_path / "tiny" / "a" / "manifest.json").read_text())
+                       ["fingerprint"], ("out.txt", "new.txt"))  # the fake a never writes it: never done
+
+
+def test_every_stage_declares_what_later_stages_read():
+    assert all(stage.outputs for stage in driver.STAGES)
+    assert "heldout.jsonl" in driver.stage_by_name("prep").outputs  # lm-eval's task reads it in the eval stage
 
 
 WRITE_BIG_FILE = """

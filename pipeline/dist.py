@@ -64,3 +64,11 @@ def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_mean(tensor):
+    """MEAN all-reduce in place over the ranks (a no-op without a process group); gloo has no AVG, so SUM / N."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor

@@ -43,7 +43,6 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
         model_config, config_problems = checkpoint_config(cfg.model, cfg.data.seq_len)
         problems += config_problems + weight_problems(Path(cfg.model.path))
         vocab_size = model_config.get("vocab_size") if model_config else None
-    problems += option_problems(cfg)
     chat_template = False  # a trained or SentencePiece .model tokenizer has none
     problems += target_shape_problems(cfg)
     if cfg.tokenizer.path is not None:
@@ -91,23 +90,6 @@ def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
         return raw, [f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
                      f"({config.max_position_embeddings}, {config_path}); lower data.seq_len"]
     return raw, []
-
-
-def option_problems(cfg: RunConfig) -> list[str]:
-    """Option combinations that would fail after the finetune has run (or hang), refused before it starts."""
-    problems = []
-    if cfg.apt.distill and _template_zero_stage(cfg.deepspeed.config) == 3:
-        problems.append(f"apt.distill: self-distillation under ZeRO-3 ({cfg.deepspeed.config}) hangs a resumed run "
-                        f"(the ranks' ZeRO-3 parameter traces diverge, docs/design.md §5); set apt.distill=false "
-                        f"or use a ZeRO-2 config such as ds_configs/zero2_cpu.json")
-    return problems
-
-
-def _template_zero_stage(path: str) -> int | None:
-    try:
-        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, AttributeError):  # a bad template is reported by the config checks
-        return None
 
 
 def target_shape_problems(cfg: RunConfig) -> list[str]:

@@ -228,7 +228,9 @@ class AptFinetuneRecipe:
         self.salience.enabled = True
         student_out = self.engine(input_ids=batch["input_ids"], labels=batch["labels"], output_hidden_states=True)
         alive = None if self.state.alive is None else self.state.alive.hidden_mask.nonzero().flatten()
-        return distill_objective(student_out, teacher_out, self.cfg.apt.distill_weight, alive), student_out.loss
+        objective = distill_objective(student_out, teacher_out, self.cfg.apt.distill_weight, alive,
+                                      reduce=dist.all_reduce_mean)  # every rank matches layers alike
+        return objective, student_out.loss
 
     def skip_step(self, bad_ranks: list[int]) -> None:
         """Drop this step if train.nonfinite and max_skipped_steps allow it; raise NonFiniteLoss otherwise."""

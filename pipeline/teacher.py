@@ -71,8 +71,8 @@ def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scal
 def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: torch.dtype) -> FrozenTeacher:
     """The written teacher, frozen and whole on every rank, in the training dtype (every rank calls this).
 
-    Not partitioned under ZeRO-3: a second ZeRO-3 engine beside the student's let the ranks' parameter-fetch
-    traces of the student diverge after a resume and a compaction (a hang), so the teacher is a plain module.
+    A plain module, not partitioned under ZeRO-3 (that would need a second, optimizer-less engine): it costs one bf16
+    copy of the base per rank, which `apt-pipeline plan` shows as "+ teacher".
     """
     # {}: no ZeRO-3 partitioning; read in the training dtype directly, not through a whole fp32 copy.
     model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory, dtype=dtype)

@@ -90,18 +90,31 @@ def distill_loss(
 
 
 @torch.no_grad()
+def layer_errors(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                 teacher_layers: list[int]) -> torch.Tensor:
+    """MSE of every (teacher layer, student layer) pair: one row per teacher layer (ascending), one column per
+    student hidden state."""
+    return torch.stack([torch.stack([F.mse_loss(s.float(), teacher_hidden[i].float()) for s in student_hidden])
+                        for i in sorted(teacher_layers)])
+
+
 def match_layers(
-    student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...], teacher_layers: list[int]
+    student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...], teacher_layers: list[int],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, int]:
     """For each teacher layer (ascending), the student layer at or after the previous match with the least MSE.
 
     The official code's "min distance matching with restriction" (layer_distill_version 4): matches never cross.
+    `reduce` averages the error table over data-parallel ranks, so every rank picks the map one process would pick
+    on the whole batch; a per-rank map would also give the ranks different backward graphs, which ZeRO-3's
+    parameter prefetch trace does not survive (the ranks hung).
     """
+    errors = layer_errors(student_hidden, teacher_hidden, teacher_layers)
+    if reduce is not None:
+        errors = reduce(errors)
     layer_map, first = {}, 0
-    for i in sorted(teacher_layers):
-        errors = [F.mse_loss(student_hidden[j].float(), teacher_hidden[i].float()) for j in
-                  range(first, len(student_hidden))]
-        first += int(torch.stack(errors).argmin())
+    for i, row in zip(sorted(teacher_layers), errors, strict=True):
+        first += int(row[first:].argmin())
         layer_map[i] = first
     return layer_map
 
@@ -118,15 +131,17 @@ def widen_hidden(hidden_states: tuple[torch.Tensor, ...], channels: torch.Tensor
     return tuple(h.new_zeros(*h.shape[:-1], width).index_copy(-1, channels.to(h.device), h) for h in hidden_states)
 
 
-def distill_objective(student_out, teacher_out, weight: float, channels: torch.Tensor | None = None) -> torch.Tensor:
+def distill_objective(student_out, teacher_out, weight: float, channels: torch.Tensor | None = None,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """`(1 − weight)·task + weight·distill` from the student's and the teacher's outputs (with hidden states).
 
-    `channels`: a compacted student's surviving hidden channels in the teacher's width (None: same width).
+    `channels`: a compacted student's surviving hidden channels in the teacher's width (None: same width);
+    `reduce`: the mean over data-parallel ranks the layer matching uses (see `match_layers`).
     """
     width = teacher_out.hidden_states[0].shape[-1]
     student_hidden = widen_hidden(student_out.hidden_states, channels, width)
     layers = list(range(1, len(teacher_out.hidden_states)))
-    layer_map = match_layers(student_hidden, teacher_out.hidden_states, layers)
+    layer_map = match_layers(student_hidden, teacher_out.hidden_states, layers, reduce)
     distill = distill_loss(student_out.logits, teacher_out.logits, student_hidden, teacher_out.hidden_states,
                            layer_map)
     return (1 - weight) * student_out.loss + weight * distill

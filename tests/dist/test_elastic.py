@@ -56,8 +56,6 @@ def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, prep_dir,
     # Global batch 8 either way: 2 ranks x micro 4 x accum 1, or 1 rank x micro 4 x accum 2.
     overrides = [f"deepspeed.config=ds_configs/{template}.json", "train.micro_batch_size=4",
                  f"train.grad_accum={2 // before}"]
-    if template.startswith("zero3"):  # the start-up checks refuse distillation under ZeRO-3 (docs/design.md §5)
-        overrides.append("apt.distill=false")
     straight = make_config(tmp_path, prep_dir, "straight", *overrides)
     spawn(finetune_rank, before, straight)
 

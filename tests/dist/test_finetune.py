@@ -158,9 +158,10 @@ def test_self_distillation_with_compaction_trains_under_zero2(tmp_path, prep_dir
 
 @pytest.mark.slow
 def test_resume_after_compactions_matches_uninterrupted_under_zero3(tmp_path, prep_dir):
-    # Distillation is refused under ZeRO-3 at start-up (docs/design.md §5); test_elastic resumes it under ZeRO-2.
+    # The whole method (self-distillation included) under ZeRO-3. Before the ranks matched layers alike, their
+    # backward graphs differed and ZeRO-3's prefetch trace hung them, in the straight run and the resumed one.
     common = ["train.checkpoint_every=10", "train.precision=fp32", "deepspeed.config=ds_configs/zero3_cpu.json",
-              "apt.distill=false"]
+              "apt.distill=true"]
     straight = make_config(tmp_path, prep_dir, "straight", *common)
     spawn(finetune_rank, 2, straight, False)
     stage_dir = straight.run_dir / "finetune"
@@ -169,15 +170,17 @@ def test_resume_after_compactions_matches_uninterrupted_under_zero3(tmp_path, pr
     assert all(c["params_after"] < c["params_before"] for c in compactions)
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["model_params"] < 0.5  # the training model itself shrank
-    curve = losses(straight.run_dir)
-    assert sum(curve[-10:]) / 10 < sum(curve[:3]) / 3 - 0.1  # and kept learning
+    # Distilled throughout (toward the untrained model itself, so the loss holds: test_loss_falls_and_target_is_met
+    # and test_self_distillation_with_compaction_trains_under_zero2 check learning).
+    assert all(r["objective"] != r["loss"] for r in rows if "loss" in r)
 
-    # Resume from the step-20 checkpoint, taken on a compacted model, in a copy of the run.
+    # Resume from the step-20 checkpoint, taken on a compacted model with the teacher's own copy, in a copy of
+    # the run (the weights the copy skips are those written at the end).
     resumed = make_config(tmp_path, prep_dir, "resumed", *common)
     shutil.copytree(stage_dir, resumed.run_dir / "finetune",
                     ignore=shutil.ignore_patterns("step30", "meta-step30.json", "*.safetensors", "manifest.json"))
-    shutil.copytree(stage_dir / "compacted", resumed.run_dir / "finetune" / "compacted", dirs_exist_ok=True)
-    shutil.copytree(stage_dir / "base_model", resumed.run_dir / "finetune" / "base_model", dirs_exist_ok=True)
+    for folder in ("compacted", "base_model", "teacher"):
+        shutil.copytree(stage_dir / folder, resumed.run_dir / "finetune" / folder, dirs_exist_ok=True)
     (resumed.run_dir / "finetune" / "checkpoints" / "latest").write_text("step20")
     spawn(finetune_rank, 2, resumed, False)
     assert_same_finetune_outputs(straight.run_dir, resumed.run_dir)

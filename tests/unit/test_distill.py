@@ -6,7 +6,7 @@ from builders import with_trained_adapters
 
 from pipeline.apt.adapters import get_masks, named_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
-from pipeline.apt.distill import distill_loss, freeze_adapters, match_layers, teacher_mode
+from pipeline.apt.distill import distill_loss, freeze_adapters, layer_errors, match_layers, teacher_mode
 from pipeline.apt.masks import MaskSet
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -101,6 +101,24 @@ def test_layer_matching_takes_the_nearest_student_layer_without_crossing():
     student_hidden = tuple(base)
     teacher_hidden = (base[0], base[2], base[1], base[3])
     assert match_layers(student_hidden, teacher_hidden, [1, 2, 3]) == {1: 2, 2: 2, 3: 3}
+
+
+def test_ranks_match_layers_as_one_process_on_the_whole_batch():
+    # Teacher layer 1 is zero. Alone, rank 0 would match student layer 1 (error 0 < 1), rank 1 student layer 2
+    # (1 < 9); over the whole batch layer 2 wins (mean errors 4.5 against 1).
+    def hidden(*values):
+        return tuple(torch.full((1, 2), float(v)) for v in values)
+
+    ranks = [(hidden(5, 0, 1, 5), hidden(0, 0)), (hidden(5, 3, 1, 5), hidden(0, 0))]
+    whole = tuple(tuple(torch.cat(layers) for layers in zip(*side, strict=True)) for side in zip(*ranks, strict=True))
+    tables = [layer_errors(student_hidden, teacher_hidden, [1]) for student_hidden, teacher_hidden in ranks]
+
+    def all_reduce_mean(errors):  # what dist.all_reduce_mean returns on both ranks
+        return sum(tables) / len(tables)
+
+    assert [match_layers(*rank, [1]) for rank in ranks] == [{1: 1}, {1: 2}]  # without the reduce they disagree
+    assert match_layers(*whole, [1]) == {1: 2}
+    assert [match_layers(*rank, [1], reduce=all_reduce_mean) for rank in ranks] == [{1: 2}, {1: 2}]
 
 
 def test_masks_are_restored_even_when_the_teacher_forward_fails(tiny_model):

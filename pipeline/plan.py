@@ -58,6 +58,9 @@ class MemoryPlan:
     zero3: int
     zero3_offload: int
     offload_cpu_per_node: int
+    teacher_bytes: int
+    """Self-distillation with compaction: the teacher's own bf16 copy of the base, whole on every GPU from the first
+    compaction on (docs/design.md §5); add it to the column in use when `apt.distill` is on."""
 
 
 def projection_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
@@ -120,7 +123,7 @@ def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node:
         zero2=BF16_BYTES * base + zero2_adapters + activations + runtime,
         zero3=BF16_BYTES * base // world_size + gathered + zero3_adapters + activations + runtime,
         zero3_offload=offload_gpu + gathered + activations + runtime,
-        offload_cpu_per_node=BF16_BYTES * base // nodes + offload_cpu,
+        offload_cpu_per_node=BF16_BYTES * base // nodes + offload_cpu, teacher_bytes=BF16_BYTES * base,
     )
 
 
@@ -134,11 +137,11 @@ def load_model_shape(path: Path) -> ModelShape:
 def markdown_table(plans: list[MemoryPlan]) -> str:
     """One row per model and world size; memory in GiB per GPU (CPU per node for offload)."""
     header = ("| model | GPUs | base params | adapter params | activations | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload "
-              "| offload CPU / node |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| offload CPU / node | + teacher |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in plans:
         gib = [f"{value / GIB:.1f}" for value in (p.activation_bytes, p.zero2, p.zero3, p.zero3_offload,
-                                                  p.offload_cpu_per_node)]
+                                                  p.offload_cpu_per_node, p.teacher_bytes)]
         lines.append(f"| {p.model} | {p.world_size} | {p.base_params / 1e9:.2f} B | {p.adapter_params / 1e6:.0f} M "
                      f"| {' | '.join(gib)} |")
     return "\n".join(lines)
@@ -182,5 +185,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n{unit}: frozen bf16 base (ZeRO-3: its partition plus up to {args.max_live_parameters:.0e} parameters "
           f"kept gathered) + adapter states (DeepSpeed's estimators) + activations "
           f"(micro batch {args.micro_batch} x {args.seq_len} tokens, no activation checkpointing); "
-          f"adapter rank {args.rank} on {', '.join(targets)}.")
+          f"adapter rank {args.rank} on {', '.join(targets)}. With apt.distill and compaction (the defaults), add "
+          f"'+ teacher' from the first compaction on: the teacher's own bf16 copy of the base, whole on every rank.")
     return 0

@@ -26,8 +26,9 @@ def section_lines(report: dict, argv: list[str]) -> list[str]:
         f"{shape['heads']} query / {shape['kv_heads']} KV heads, intermediate {shape['intermediate']}, vocabulary "
         f"{shape['vocab']}, untied; random init), sharded bf16 safetensors",
         f"- chain: `apt-pipeline run --config configs/tiny.yaml` with {' '.join(f'`{o}`' for o in overrides)}: "
-        f"ZeRO-3 on 2 CPU ranks, bf16, {report['steps']} steps, compaction on; self-distillation is off because "
-        f"the pipeline refuses it under ZeRO-3. {report['chain_seconds'] / 60:.1f} min for the chain"
+        f"ZeRO-3 on 2 CPU ranks, bf16, {report['steps']} steps: the default method (rank growth, "
+        f"self-distillation, compaction, measured shape choice) on a short schedule. "
+        f"{report['chain_seconds'] / 60:.1f} min for the chain"
         + (f", {report['bench_seconds'] / 60:.1f} min for the whole script (models built, comparison run)."
            if report.get("bench_seconds") else "."),
         "- memory: a poller reads every process's VmHWM (ranks: the exact peak) and VmRSS (the driver, per stage) "
@@ -54,8 +55,10 @@ def stage_table(stages: dict, billions: float) -> list[str]:
 def plan_lines(report: dict) -> list[str]:
     plan = report["plan"]
     verdict = "within" if plan["within_15_percent"] else "outside"
+    teacher = (f" ({plan['plan_zero3_without_teacher']:.2f} for ZeRO-3 + {plan['plan_teacher']:.2f} for the "
+               f"distillation teacher's own copy)" if plan.get("plan_teacher") else "")
     return [f"**Plan against measured (finetune, per rank):** `{plan['plan_command']}` gives "
-            f"{plan['plan_zero3_per_rank']:.2f} GiB under ZeRO-3; the ranks peaked at {plan['measured_per_rank']:.2f} "
+            f"{plan['plan_zero3_per_rank']:.2f} GiB{teacher}; the ranks peaked at {plan['measured_per_rank']:.2f} "
             f"GiB: {plan['measured_over_plan']:.2f}x the plan, {verdict} 15%."]
 
 

@@ -53,6 +53,11 @@ def test_gathered_parameters_are_capped_by_the_model_and_the_template():
     assert whole.zero2 == capped.zero2  # ZeRO-2 gathers nothing
 
 
+def test_teacher_is_a_whole_bf16_base_on_every_rank_whatever_the_world_size():
+    plans = [plan.plan_memory("7b", LLAMA2_7B, n) for n in (8, 64)]
+    assert [p.teacher_bytes for p in plans] == [2 * plans[0].base_params] * 2
+
+
 def test_cpu_plan_adds_each_ranks_runtime_to_every_column():
     gpu = plan.plan_memory("7b", LLAMA2_7B, 8)
     cpu = plan.plan_memory("7b", LLAMA2_7B, 8, cpu=True)

@@ -93,8 +93,8 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
     with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
         for stage in STAGES:
             rerun_rest = rerun_rest or stage.name == from_stage
-            fp = expected_fingerprint(stage, cfg, run_dir)
-            if not rerun_rest and is_done(run_dir / stage.name, fp, stage.outputs):
+            if not rerun_rest and is_done(run_dir / stage.name, expected_fingerprint(stage, cfg, run_dir),
+                                          stage.outputs):
                 log.info("%-9s done, skipped", stage.name)
                 tracking.record_skipped(mlflow_run, run_dir / stage.name)
                 continue

@@ -17,15 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.scale.run_scale import GIB, Shape, build_base, environment
-from pipeline.run import CPU_RANK_ENV
+from bench.scale.run_scale import GIB, Shape, build_base
+from pipeline.run import CPU_RANK_ENV, rank_environment
 
 SETTINGS = {"glibc adaptive": None, f"fixed {CPU_RANK_ENV['MALLOC_MMAP_THRESHOLD_']}":
             CPU_RANK_ENV["MALLOC_MMAP_THRESHOLD_"]}
 
 
 def run_worker(model_dir: Path, out: Path, threshold: str | None, steps: int, port: int) -> list[dict]:
-    env = environment() | {"OMP_NUM_THREADS": "1"}
+    env = rank_environment(ranks_per_node=2)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = threshold

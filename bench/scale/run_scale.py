@@ -114,17 +114,6 @@ def build_base(directory: Path, shape: Shape, seed: int = 0) -> None:
     os.replace(tmp, directory)
 
 
-def environment() -> dict[str, str]:
-    """What `make run` exports: CPU ranks, offline hubs."""
-    env = os.environ.copy()
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        env.setdefault(name, "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
 def chain_overrides(args, run_root: Path, base: Path) -> list[str]:
     """The default method (configs/tiny.yaml: growth, distillation, compaction) at this size: ZeRO-3, micro batch 1,
     a short window, small evals."""
@@ -158,7 +147,7 @@ def run_chain(args, base: Path) -> dict:
     log_path = args.work / "chain.log"
     started = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment())
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         with TreeSampler(process.pid, lambda: running_stage(run_dir)) as sampler:
             returncode = process.wait()
     ended = time.time()
@@ -234,9 +223,9 @@ def measure_variant(variant: str, model_dir: Path, args, port: int, tag: str = "
     command = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
                "--module", "bench.scale.memory_worker", "--variant", variant, "--model", str(model_dir),
                "--seq", str(args.seq), "--out", str(out)]
-    from pipeline.run import CPU_RANK_ENV
+    from pipeline.run import rank_environment
 
-    env = CPU_RANK_ENV | environment() | {"OMP_NUM_THREADS": "1"}  # what the pipeline gives its CPU ranks
+    env = rank_environment(ranks_per_node=2)  # what the pipeline gives its CPU ranks
     with open(args.work / f"memory{tag}-{variant}.log", "w") as log:
         subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     return [json.loads((out / f"{variant}-rank{rank}.json").read_text()) for rank in range(2)]

@@ -376,8 +376,8 @@ class EvalSection:
     lm_eval_tasks: tuple[str, ...] = (HELDOUT_TASK,)
     """lm-eval-harness tasks scored on base and export (empty: none). `apt_heldout`: rolling log-likelihood of
     the held-out documents, offline; hub tasks (hellaswag, arc_easy, ...) need their datasets cached or a network."""
-    lm_eval_limit: int | None = None
-    """At most this many documents per lm-eval task (unset: all)."""
+    lm_eval_limit: int | None = 500
+    """At most this many documents per lm-eval task (null: all); bounds the held-out task on a large corpus."""
 
     def problems(self) -> list[str]:
         out = [f"{name}: {getattr(self, name)} must be >= 1" for name in
@@ -514,6 +514,23 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw)
+
+
+def read_sections(path: str | Path, names: typing.Sequence[str]) -> dict[str, typing.Any]:
+    """Typed sections of a config file as written (defaults filled in), without the checks that need its paths to
+    exist: `apt-pipeline plan --config` reads a cluster's config on a laptop."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    sections, problems = {}, []
+    for name in names:
+        kwargs, section_problems = _convert_section(_SECTIONS[name], raw.get(name) or {})
+        problems += [f"{name}.{p}" for p in section_problems]
+        sections[name] = None if section_problems else _SECTIONS[name](**kwargs)
+    if problems:
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(problems))
+    return sections
 
 
 def apply_override(raw: dict, item: str) -> None:

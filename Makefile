@@ -5,20 +5,27 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 
+# DeepSpeed's accelerator, which also names the process group's backend: CPU ranks (gloo) where no NVIDIA GPU is
+# visible, else DeepSpeed's own choice (CUDA, NCCL). The tests always run on CPU ranks (tests/conftest.py).
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean gpu-smoke
 
 run: $(VENV)/.installed  ## the whole pipeline on the embedded tiny defaults
 	$(VENV)/bin/apt-pipeline run --config $(CONFIG)
 
 test: $(VENV)/.installed lint  ## ruff, then every test (slow ones too)
 	$(PY) -m pytest -q
+
+gpu-smoke: $(VENV)/.installed  ## the tiny chain on every visible GPU: ZeRO-3/ZeRO-2 x bf16/fp16 (no GPU: says so)
+	PYTHON=$(PY) launch/gpu_smoke.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,9 @@
-"""Rank helpers and rank-0 logging. Works with or without an initialised process group."""
+"""Ranks, devices and collectives, and rank-0 logging. Works with or without an initialised process group.
+
+The device rule (docs/design.md §9): DeepSpeed's accelerator names the device every rank computes on and the
+backend its process group uses; whatever the recipe and the stages create lives on `device()`, and every
+collective here runs on a buffer on that device (NCCL refuses CPU tensors; gloo takes the CPU ones).
+"""
 
 from __future__ import annotations
 
@@ -25,14 +30,52 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def accelerator():
+    """DeepSpeed's accelerator: `DS_ACCELERATOR` when set, else what DeepSpeed detects (CUDA, then CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def device():
+    """The device this rank computes on: `cuda:<local rank>` on GPUs, `cpu` on CPU ranks."""
+    import torch
+
+    return torch.device(accelerator().current_device_name())
+
+
+def to_device(batch: dict) -> dict:
+    """A batch of dataset rows (CPU tensors) on `device()`: DeepSpeed's forward does not move its inputs."""
+    import torch
+
+    here = device()
+    return {key: value.to(here, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+def on_cpu() -> bool:
+    """True when DeepSpeed runs on CPU ranks (`DS_ACCELERATOR=cpu`, or no GPU)."""
+    return accelerator().device_name() == "cpu"
+
+
+def empty_cache() -> None:
+    """Hand the accelerator's cached free blocks back (a no-op on CPU), e.g. between two engines."""
+    accelerator().empty_cache()
+
+
+def synchronize() -> None:
+    """Wait for the accelerator's queued work, so a wall-clock reading covers it (a no-op on CPU)."""
+    accelerator().synchronize()
+
+
 def init_distributed(timeout_minutes: float) -> None:
-    """Join the process group the launcher set up: NCCL on GPUs, gloo on CPUs; a hung peer fails after the timeout."""
+    """Join the process group the launcher set up, on the backend of DeepSpeed's accelerator (NCCL for CUDA, gloo
+    for CPU ranks), so the group and the engine never disagree; a hung peer fails after the timeout."""
     import datetime
 
     import deepspeed
-    import torch
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = accelerator().communication_backend_name()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # DeepSpeed creates its ZeRO sub-groups without a timeout, so torch gives them its module default (30 min on
     # gloo, 10 on NCCL): make that default ours, so a hung rank fails every collective after the same time.
@@ -61,14 +104,29 @@ COLLECTIVE_CALLS = {"all_reduce": 0}
 def all_reduce_sum(tensor):
     """SUM all-reduce in place (a no-op without a process group); the one collective of a salience update."""
     COLLECTIVE_CALLS["all_reduce"] += 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor)
 
 
 def all_reduce_mean(tensor):
     """MEAN all-reduce in place over the ranks (a no-op without a process group); gloo has no AVG, so SUM / N."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    _all_reduce(tensor)
+    if _grouped():
         tensor /= dist.get_world_size()
     return tensor
+
+
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(tensor):
+    """SUM in place on the accelerator's device: a buffer elsewhere travels there and back (one copy each way)."""
+    if not _grouped():
+        return tensor
+    here = device()
+    if tensor.device == here:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    on_device = tensor.to(here)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return tensor.copy_(on_device)

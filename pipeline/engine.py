@@ -25,9 +25,11 @@ from deepspeed.utils import (
 )
 from torch import nn
 
+from pipeline import dist
 from pipeline.apt.adapters import APTLinear, grow_rank, named_adapters
 from pipeline.apt.compaction import CompactionPlan, compact_model
 from pipeline.apt.slicing import Selected
+from pipeline.ds_config import zero_stage
 
 Carry = dict[nn.Parameter, tuple[nn.Parameter, tuple[slice, ...] | Selected]]
 """Replaced parameter -> (its replacement, where its values go): a tuple of slices says where the old values sit
@@ -69,7 +71,9 @@ def rebuild_engine(engine, ds_config: dict, make_optimizer: MakeOptimizer, resha
     loss_scaler = engine.optimizer.loss_scaler
     engine.destroy()
     _remove_module_hooks(engine, model)
+    _release(engine)
     gc.collect()  # DeepSpeed's hooks and buffers form reference cycles; collect what destroy() unlinked
+    dist.empty_cache()  # the new engine allocates in memory the old one had, not beside it
 
     optimizer, scheduler = make_optimizer(trainable)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -101,6 +105,14 @@ def _remove_module_hooks(engine, model: nn.Module) -> None:
     for module in model.modules():
         for name in ZERO3_BACKWARD_STATE:
             module.__dict__.pop(name, None)
+
+
+def _release(engine) -> None:
+    """Drop what a destroyed engine holds beyond the module (fp32 partitions, Adam moments, gradient buckets): the
+    caller's reference to the old engine, alive until the rebuild returns, then keeps only an empty shell."""
+    for name in ("optimizer", "basic_optimizer", "client_optimizer", "lr_scheduler", "client_lr_scheduler"):
+        if name in engine.__dict__:
+            engine.__dict__[name] = None
 
 
 def _optimizer_layout(engine) -> tuple[list[str], torch.Tensor | int | None]:
@@ -160,16 +172,17 @@ def global_adapter_salience(adapters: Iterable[tuple[str, APTLinear]]) -> dict[s
 
     Call it after `engine.backward` and before `engine.step` (DeepSpeed frees the reduced gradients at the step).
     Each full gradient and fp32 weight is assembled by a DeepSpeed collective, so every rank computes on the same
-    tensors; with fp16 the gradients carry the loss scale, which does not change the ranking.
+    tensors; with fp16 the gradients carry the loss scale, which does not change the ranking. The sums stay on the
+    device and are read once, at the end.
     """
-    salience = {}
+    names, totals = [], []
     for name, adapter in adapters:
-        total = torch.zeros((), dtype=torch.float64)
-        for param in (adapter.lora_A, adapter.lora_B):
-            product = safe_get_full_fp32_param(param) * safe_get_full_grad(param).float()
-            total += product.abs().sum(dtype=torch.float64).cpu()
-        salience[name] = total.item()
-    return salience
+        terms = [(safe_get_full_fp32_param(param) * safe_get_full_grad(param).float()).abs().sum(dtype=torch.float64)
+                 for param in (adapter.lora_A, adapter.lora_B)]
+        names.append(name)
+        totals.append(terms[0] + terms[1])
+    values = torch.stack(totals).tolist() if totals else []
+    return dict(zip(names, values, strict=True))
 
 
 @torch.no_grad()
@@ -195,11 +208,23 @@ def compact_engine(engine, plan: CompactionPlan, ds_config: dict, make_optimizer
     Under ZeRO-3 each layer's partitions are gathered while it is sliced; the new engine partitions the new
     parameters. The masks in the model shrink with it; slice the caller's own copies with `compaction.slice_*`.
     """
+    settle = _partitioner(ds_config) if zero_stage(ds_config) == 3 else None
     return rebuild_engine(
-        engine, ds_config, make_optimizer, reshape=lambda model: compact_model(model, plan, gather=_gathered)
+        engine, ds_config, make_optimizer,
+        reshape=lambda model: compact_model(model, plan, gather=_gathered, settle=settle),
     )
 
 
 def _gathered(params: list[nn.Parameter]):
     # Read-only: the sliced copies are new parameters, so the partitions need no write-back (no modifier_rank).
     return deepspeed.zero.GatheredParameters(params)
+
+
+def _partitioner(ds_config: dict):
+    """ZeRO-3: partition a sliced module's new weights right away (DeepSpeed's `zero.Init(module=...)`), so a rank
+    holds one whole sliced layer at a time, never the whole compacted model (weights already partitioned are
+    left alone)."""
+    def partition(module: nn.Module) -> None:
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+
+    return partition

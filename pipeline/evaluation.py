@@ -8,13 +8,16 @@ import time
 
 import torch
 
+from pipeline import dist
+
 
 @torch.no_grad()
 def perplexity(model, split, batch_size: int, max_batches: int) -> float:
     """Token-weighted perplexity over the first `max_batches` batches of `split`."""
+    device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     for start in range(0, min(len(split), batch_size * max_batches), batch_size):
-        batch = split[start:start + batch_size]
+        batch = {key: value.to(device) for key, value in split[start:start + batch_size].items()}
         count = int((batch["labels"][:, 1:] != -100).sum())
         loss_sum += model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item() * count
         tokens += count
@@ -25,9 +28,12 @@ def perplexity(model, split, batch_size: int, max_batches: int) -> float:
 def generate_seconds(model, prompts: torch.Tensor, new_tokens: int) -> float:
     """Wall seconds of one greedy generation of exactly `new_tokens` tokens after each prompt."""
     # Unpadded prompts of equal length: every position attends; EOS stands in for the absent pad token.
+    prompts = prompts.to(next(model.parameters()).device)
     options = dict(attention_mask=torch.ones_like(prompts), pad_token_id=model.config.eos_token_id, do_sample=False)
+    dist.synchronize()  # an accelerator's queue is empty before the clock starts, and drained before it stops
     started = time.perf_counter()
     model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    dist.synchronize()
     return time.perf_counter() - started
 
 

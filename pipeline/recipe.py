@@ -113,7 +113,7 @@ class AptFinetuneRecipe:
         checkpoints = self.layout.checkpoints
         check_checkpoint(checkpoints)  # a truncated or missing `latest` tag fails here, naming the fix
         dist.init_distributed(self.cfg.deepspeed.timeout_minutes)
-        self.world_size, self.rank = dist.world_size(), dist.rank()
+        self.world_size, self.rank, self.device = dist.world_size(), dist.rank(), dist.device()
         seed_everything(self.cfg.run.seed)
         meta = latest_meta(checkpoints)
         if meta is not None:
@@ -147,15 +147,16 @@ class AptFinetuneRecipe:
     def load_model(self, vocab_size: int, meta: dict | None):
         """The base a resume continues on (the last compacted one, if any), with adapters and salience hooks."""
         compacted = self.layout.finetune / meta["base_model"] if meta is not None and meta.get("base_model") else None
+        # In the training dtype: ZeRO-1/2 replicate the base on every rank, and DeepSpeed would cast it anyway.
         model = load_base_model(self.cfg.model, vocab_size, self.ds_config, self.layout.run_dir, self.cfg.run.seed,
-                                directory=compacted)
+                                directory=compacted, dtype=DTYPES[self.train_cfg.precision])
         self.shape = ModelShape.from_config(model.config)  # the training model's; smaller after compaction
         self.original_shape = self.shape if compacted is None else ModelShape.from_config(AutoConfig.from_pretrained(
             str(self.layout.base_model), trust_remote_code=self.cfg.model.trust_remote_code))
         apt = self.cfg.apt
         inject_adapters(model, targets=apt.adapter_targets, rank=apt.rank, alpha=apt.alpha, dropout=apt.dropout,
                         generator=torch.Generator().manual_seed(self.cfg.run.seed))
-        self.salience = SalienceAccumulator(self.shape)
+        self.salience = SalienceAccumulator(self.shape, device=self.device)  # the hooks add without a copy
         self.salience.attach(model)
         return model
 
@@ -164,8 +165,12 @@ class AptFinetuneRecipe:
         state = self.state
         if state.teacher_model is not None:
             return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model, self.layout.run_dir,
-                                self.cfg.run.seed, DTYPES[self.train_cfg.precision])
-        return None if state.teacher is None else SharedTeacher(state.teacher)
+                                self.cfg.run.seed, DTYPES[self.train_cfg.precision], self.device)
+        if state.teacher is None:
+            return None
+        # A checkpoint's tensors come back on the CPU.
+        state.teacher = {name: (a.to(self.device), b.to(self.device)) for name, (a, b) in state.teacher.items()}
+        return SharedTeacher(state.teacher)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -196,13 +201,15 @@ class AptFinetuneRecipe:
         next_step = state.step + 1
         grow_now = apt.grow_every > 0 and next_step % apt.grow_every == 0 and next_step < self.train_cfg.steps
         if apt.distill and state.teacher is None and state.step >= self.cfg.pruning.start_step:
-            state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param)  # collective
+            state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param,  # collective
+                                            device=self.device)
             self.teacher = SharedTeacher(state.teacher)
-        result = StepResult()
+        result, step_start = StepResult(), self.salience.pack()
         for micro in range(accum):
-            batch = self.splits["train"][self.batches.indices(state.step, micro)]
+            batch = dist.to_device(self.splits["train"][self.batches.indices(state.step, micro)])
             self.salience.grad_scale = self.world_size * loss_scale(self.engine)
-            sums_before = self.salience.pack()  # activations are summed during the forward; a bad one is rolled back
+            # Activations are summed during the forward; a bad one is rolled back.
+            sums_before = step_start if micro == 0 else self.salience.pack()
             loss, task_loss = self.training_loss(batch)
             bad_ranks, loss_mean, task_loss_mean = reduce_losses(loss, task_loss)  # same on every rank
             if bad_ranks:
@@ -216,7 +223,18 @@ class AptFinetuneRecipe:
             result.loss_sum += task_loss_mean
             result.objective_sum += loss_mean
         state.step += 1
+        if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed dropped the update, lowered the scale
+            self.salience.load_packed(step_start)  # the inf gradients in the sums go with it
+            self.overflowed()
+            return StepResult(skipped=True)
         return result
+
+    def overflowed(self) -> None:
+        """Count a step DeepSpeed skipped for gradient overflow; salience and rank growth ignore it (every rank)."""
+        self.state.overflow_steps += 1
+        log.info("step %d: gradient overflow, DeepSpeed skipped the update (loss scale now %g); its salience is "
+                 "discarded (%d such steps so far)", self.state.step, loss_scale(self.engine),
+                 self.state.overflow_steps)
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, causal-LM loss): the objective mixes in self-distillation once a teacher exists (design §5)."""
@@ -329,7 +347,7 @@ class AptFinetuneRecipe:
         self.teacher = materialize(self.teacher, self.cfg.model, self.layout.base_model,
                                    self.layout.finetune / state.teacher_model, self.layout.run_dir,
                                    self.cfg.run.seed, self.cfg.apt.alpha / self.cfg.apt.rank,
-                                   DTYPES[self.train_cfg.precision])
+                                   DTYPES[self.train_cfg.precision], self.device)
         log.info("distillation teacher written to %s before the first compaction (%.1fs)",
                  self.layout.finetune / state.teacher_model, time.perf_counter() - started)
 
@@ -354,7 +372,8 @@ class AptFinetuneRecipe:
                          "remaining": remaining_params(self.shape, kept) / total, "kept_hidden": kept.hidden,
                          "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
                          "tokens_per_s": self.tokens_per_step / self.step_times[-1],
-                         "skipped_steps": self.state.skipped_steps, "model_params": total_params(self.shape) / total}
+                         "skipped_steps": self.state.skipped_steps, "overflow_steps": self.state.overflow_steps,
+                         "model_params": total_params(self.shape) / total}
         self.metrics.log_metrics(self.last_row, step=self.state.step)
 
     def save_checkpoint(self) -> None:
@@ -414,6 +433,7 @@ class AptFinetuneRecipe:
                    "kept_hidden": kept.hidden, "kept_heads": list(kept.heads), "kept_neurons": list(kept.neurons),
                    "zero_stage": zero_stage(self.ds_config), "precision": train.precision,
                    "world_size": self.world_size, "skipped_steps": state.skipped_steps,
+                   "overflow_steps": state.overflow_steps,
                    "compactions": self.compactions}
         adapters = trainable_fp32(self.engine)  # every rank takes part: under ZeRO-3 this gathers partitions
         if dist.is_main():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import checkpoints, nodes, preflight, tracking
 from pipeline import config as config_lib
-from pipeline.dist import get_logger, is_main, rank, world_size
+from pipeline.dist import get_logger, is_main, on_cpu, rank, world_size
 from pipeline.layout import RunLayout
 from pipeline.stage import (
     MANIFEST,
@@ -195,17 +195,11 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
 def rank_environment(ranks_per_node: int) -> dict[str, str]:
     """The launcher's environment: this one, plus thread and allocator settings for CPU ranks (a user's own win)."""
     env = os.environ.copy()
-    if not _has_cuda():  # CPU ranks share the cores; oversubscribed BLAS threads make steps erratic
+    if on_cpu():  # CPU ranks share the cores; oversubscribed BLAS threads make steps erratic
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
         for name, value in CPU_RANK_ENV.items():
             env.setdefault(name, value)
     return env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def deepspeed_command(section: config_lib.DeepSpeedSection, stage_name: str, config_path: Path) -> list[str]:

@@ -4,7 +4,7 @@
 causal-LM loss over the same calibration batches, without gradients; one SUM all-reduce of the per-candidate loss
 and token sums makes every rank pick the same candidate. `search_target` is what a pruning update or the salience
 stage calls: the target masks for a budget under `pruning.shape_search` (and `pruning.target_shape`). torch and
-torch.distributed only, so the finetune recipe (an engine whose forward takes input_ids / labels) and the salience
+`pipeline.dist` only, so the finetune recipe (an engine whose forward takes input_ids / labels) and the salience
 stage both use it.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 
+from pipeline import dist
 from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
@@ -62,7 +62,7 @@ def choose_shape(
         return ShapeChoice(index=0, losses=(math.nan,), tokens=0)
     if not batches:
         raise ValueError("choosing between shapes needs at least one calibration batch")
-    sums = torch.zeros(2 * len(candidates), dtype=torch.float64)
+    sums = torch.zeros(2 * len(candidates), dtype=torch.float64, device=dist.device())
     was_training = model.training
     model.eval()  # no adapter dropout: every candidate sees the same function of its masks
     try:
@@ -70,35 +70,24 @@ def choose_shape(
             for index, masks in enumerate(candidates):
                 set_masks_fn(masks)
                 for batch in batches:
-                    loss_sum, tokens = _batch_loss(model, batch)
-                    sums[2 * index] += loss_sum
-                    sums[2 * index + 1] += tokens
+                    sums[2 * index: 2 * index + 2] += _batch_loss(model, dist.to_device(batch))
     finally:
         model.train(was_training)
         if restore is not None:
             set_masks_fn(restore)
-    sums = _all_reduce_sum(sums)
-    losses = tuple(_mean(float(sums[2 * i]), float(sums[2 * i + 1])) for i in range(len(candidates)))
+    sums = dist.all_reduce_sum(sums).tolist()  # the one read of the losses: no host sync per batch
+    losses = tuple(_mean(sums[2 * i], sums[2 * i + 1]) for i in range(len(candidates)))
     best = min(range(len(candidates)), key=lambda i: (losses[i], i))
     return ShapeChoice(index=best, losses=losses, tokens=int(sums[1]))
 
 
-def _batch_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
-    """(loss × scored tokens, scored tokens) of one batch: the mean loss weighted back into a sum."""
+def _batch_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[loss × scored tokens, scored tokens] of one batch (float64, on its device): the mean weighted into a sum."""
     input_ids = batch["input_ids"]
     labels = batch.get("labels", input_ids)
     loss = model(input_ids=input_ids, labels=labels).loss
-    tokens = int((labels[..., 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
-    return float(loss.double()) * tokens, tokens
-
-
-def _all_reduce_sum(sums: torch.Tensor) -> torch.Tensor:
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
-        return sums
-    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
-    reduced = sums.to(device)
-    torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
-    return reduced.cpu()
+    tokens = (labels[..., 1:] != IGNORE_INDEX).sum().double()  # the model shifts labels by one
+    return torch.stack([loss.double() * tokens, tokens])
 
 
 def _mean(loss_sum: float, tokens: float) -> float:

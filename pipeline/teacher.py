@@ -68,8 +68,9 @@ def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scal
     adapters_file.unlink()
 
 
-def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: torch.dtype) -> FrozenTeacher:
-    """The written teacher, frozen and whole on every rank, in the training dtype (every rank calls this).
+def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: torch.dtype,
+                 device: torch.device) -> FrozenTeacher:
+    """The written teacher, frozen and whole on every rank's `device`, in the training dtype (every rank calls this).
 
     A plain module, not partitioned under ZeRO-3 (that would need a second, optimizer-less engine): it costs one bf16
     copy of the base per rank, which `apt-pipeline plan` shows as "+ teacher".
@@ -77,14 +78,14 @@ def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: to
     # {}: no ZeRO-3 partitioning; read in the training dtype directly, not through a whole fp32 copy.
     model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory, dtype=dtype)
     model.requires_grad_(False)
-    return FrozenTeacher(model.eval())
+    return FrozenTeacher(model.to(device).eval())
 
 
 def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, run_dir: Path, seed: int,
-                scaling: float, dtype: torch.dtype) -> FrozenTeacher:
+                scaling: float, dtype: torch.dtype, device: torch.device) -> FrozenTeacher:
     """Turn the shared teacher into its own model before a compaction cuts the backbone (collective)."""
     if dist.is_main():
         write_teacher(shared.adapters, base_dir, out_dir, scaling, dtype, model_cfg.trust_remote_code)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank reads what rank 0 wrote
-    return load_teacher(model_cfg, out_dir, run_dir, seed, dtype)
+    return load_teacher(model_cfg, out_dir, run_dir, seed, dtype, device)

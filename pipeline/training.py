@@ -72,43 +72,43 @@ def loss_scale(engine) -> float:
     return float(scale) if engine.fp16_enabled() else 1.0
 
 
+@torch.no_grad()
 def reduce_losses(objective: torch.Tensor, task_loss: torch.Tensor) -> tuple[list[int], float, float]:
     """(ranks whose objective is inf/NaN, mean objective, mean task loss over the ranks): one small all-reduce.
 
     Every rank gets the same answer, so all skip (or stop) together; the means are what a single process
-    would log for the whole global batch.
+    would log for the whole global batch. The buffer is built on the losses' device and read once, after the
+    all-reduce (one host synchronisation per micro-batch).
     """
     world_size, rank = dist.world_size(), dist.rank()
-    buffer = torch.zeros(world_size + 2, dtype=torch.float64)
-    objective, task_loss = objective.detach().double().cpu(), task_loss.detach().double().cpu()
-    finite = bool(torch.isfinite(objective))
-    buffer[rank] = float(not finite)
-    if finite:
-        buffer[-2:] = torch.stack([objective, task_loss]) / world_size
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(buffer)
-    return buffer[:world_size].nonzero().flatten().tolist(), buffer[-2].item(), buffer[-1].item()
+    objective, task_loss = objective.detach().double(), task_loss.detach().double()
+    finite = torch.isfinite(objective)
+    buffer = torch.zeros(world_size + 2, dtype=torch.float64, device=objective.device)
+    buffer[rank] = (~finite).double()
+    buffer[-2:] = torch.where(finite, torch.stack([objective, task_loss]) / world_size, 0.0)
+    values = dist.all_reduce_sum(buffer).tolist()
+    return [r for r in range(world_size) if values[r] != 0], values[-2], values[-1]
 
 
 @torch.no_grad()
 def evaluate(engine, split, micro_batch: int, max_batches: int, world_size: int, rank: int) -> float:
     """Token-weighted validation loss of the masked model, summed over every rank."""
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device())
     for batch_index in range(max_batches):
         rows = list(range((batch_index * world_size + rank) * micro_batch,
                           (batch_index * world_size + rank + 1) * micro_batch))
         rows = [r for r in rows if r < len(split)]
         if not rows:
             break
-        batch = split[rows]
-        tokens = (batch["labels"][:, 1:] != -100).sum().item()
-        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float().item()
-        totals += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
+        batch = dist.to_device(split[rows])
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss.double()
+        totals += torch.stack([loss * tokens, tokens.double()])
+    dist.all_reduce_sum(totals)
     engine.train()
-    return (totals[0] / totals[1].clamp_min(1)).item()
+    total_loss, total_tokens = totals.tolist()
+    return total_loss / max(total_tokens, 1.0)
 
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:

@@ -33,16 +33,18 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
     `measure` scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
     `pruning.shape_search=measured`. Returns (EMA, target masks, candidate shapes, the choice or None)."""
     world_size, rank = dist.world_size(), dist.rank()
-    checksums = torch.zeros(world_size, dtype=torch.float64)
+    packed = salience.pack()  # on the accumulator's device: the ranks' sums never leave it before the reduce
+    checksums = torch.zeros(world_size, dtype=torch.float64, device=packed.device)
     checksums[rank] = mask_checksum(state.target)
-    flat = torch.cat([salience.pack(), checksums])
-    dist.all_reduce_sum(flat)
+    flat = dist.all_reduce_sum(torch.cat([packed, checksums]))
     salience.load_packed(flat[:-world_size])
-    disagree = [r for r in range(world_size) if flat[-world_size + r] != flat[-world_size]]
+    sums = flat[-world_size:].tolist()
+    disagree = [r for r in range(world_size) if sums[r] != sums[0]]
     if disagree:
         raise RuntimeError(f"step {state.step}: ranks {disagree} hold other masks than rank 0; "
                            f"the ranks have diverged (non-deterministic search or corrupted state)")
-    ema = ema_update(state.ema, salience.scores(), apt.salience_momentum)
+    # The EMA and the masks are the run's small host-side state (checkpointed, searched on the CPU).
+    ema = ema_update(state.ema, salience.scores().to("cpu"), apt.salience_momentum)
     salience.reset()
     target, shapes, choice = search_target(shape, ema, rho, pruning, measure=measure)
     return ema, target, shapes, choice

@@ -147,10 +147,17 @@ class APTLinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}"
 
 
-def _init_lora_rows(rows: int, in_features: int, generator: torch.Generator | None, **factory) -> torch.Tensor:
-    """Rows of A drawn like an `nn.Linear` weight (Kaiming-uniform, a=√5), as LoRA does."""
-    rows_of_a = torch.empty(rows, in_features, **factory)
-    return nn.init.kaiming_uniform_(rows_of_a, a=math.sqrt(5), generator=generator)
+def _init_lora_rows(rows: int, in_features: int, generator: torch.Generator | None, *, dtype: torch.dtype,
+                    device: torch.device, draw_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of A drawn like an `nn.Linear` weight (Kaiming-uniform, a=√5), as LoRA does.
+
+    Drawn on the CPU, where a seeded `torch.Generator` lives, in `draw_dtype`, then cast and moved: every rank and
+    device gets the same numbers (a CPU generator cannot fill an accelerator's tensor). The draw's dtype matters too:
+    a bf16 draw consumes the generator otherwise than an fp32 one.
+    """
+    rows_of_a = torch.empty(rows, in_features, dtype=draw_dtype)
+    nn.init.kaiming_uniform_(rows_of_a, a=math.sqrt(5), generator=generator)
+    return rows_of_a.to(device=device, dtype=dtype)
 
 
 class MaskedRMSNorm(nn.Module):
@@ -309,7 +316,9 @@ def grow_rank(adapter: APTLinear, k: int, generator: torch.Generator | None = No
     if adapter.rank == 0:
         raise ValueError("cannot grow an adapter of rank 0 (its scaling is undefined); inject it with rank > 0")
     old_A, old_B = adapter.lora_A, adapter.lora_B
-    new_rows = _init_lora_rows(k, adapter.in_features, generator, dtype=old_A.dtype, device=old_A.device)
+    # Drawn in the adapter's own dtype (the engine's 16-bit one while training), as growth always has.
+    new_rows = _init_lora_rows(k, adapter.in_features, generator, dtype=old_A.dtype, device=old_A.device,
+                               draw_dtype=old_A.dtype)
     new_columns = torch.zeros(adapter.out_features, k, dtype=old_B.dtype, device=old_B.device)
     adapter.lora_A = nn.Parameter(torch.cat([old_A, new_rows], dim=0), requires_grad=old_A.requires_grad)
     adapter.lora_B = nn.Parameter(torch.cat([old_B, new_columns], dim=1), requires_grad=old_B.requires_grad)

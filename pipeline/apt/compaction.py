@@ -19,7 +19,16 @@ from torch import nn
 from pipeline.apt.blocks import ModelShape, count_params, total_params
 from pipeline.apt.masks import ATTENTION_MODES, MaskSet
 from pipeline.apt.salience import BLOCKS, STATS, SalienceAccumulator, SalienceScores
-from pipeline.apt.slicing import Gather, LayerKeep, Replaced, check_layer, head_channels, select_masks, slice_kept
+from pipeline.apt.slicing import (
+    Gather,
+    LayerKeep,
+    Replaced,
+    Settle,
+    check_layer,
+    head_channels,
+    select_masks,
+    slice_kept,
+)
 
 
 @dataclass(frozen=True)
@@ -164,18 +173,20 @@ def physical_fraction(remaining_fraction: float, original: ModelShape, physical:
 # ---- state that follows the plan -----------------------------------------------------------------------
 
 
-def compact_model(model: nn.Module, plan: CompactionPlan, gather: Gather | None = None) -> Replaced:
+def compact_model(model: nn.Module, plan: CompactionPlan, gather: Gather | None = None,
+                  settle: Settle | None = None) -> Replaced:
     """Slice an APT-wrapped model in place by `plan`: base weights, adapters, norms, embeddings, masks, config.
 
     Returns old parameter -> (new parameter, its selection), what `pipeline.engine.rebuild_engine` carries.
-    `gather` is entered around each layer's parameters (ZeRO-3: `deepspeed.zero.GatheredParameters`).
+    `gather` is entered around each layer's parameters (ZeRO-3: `deepspeed.zero.GatheredParameters`); `settle` is
+    called on each sliced layer (ZeRO-3: partition it at once).
     """
     current = ModelShape.from_config(model.config)
     if current != plan.before:
         raise ValueError(f"the plan is for a model of shape {plan.before}; this one is {current}")
     if not hasattr(model, "apt_masks"):
         raise ValueError("compaction slices an APT-wrapped model (inject_adapters); this one has no masks")
-    return slice_kept(model, list(plan.layers), plan.hidden, gather)
+    return slice_kept(model, list(plan.layers), plan.hidden, gather, settle)
 
 
 def slice_masks(masks: MaskSet, plan: CompactionPlan) -> MaskSet:

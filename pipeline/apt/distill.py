@@ -22,16 +22,17 @@ TeacherAdapters = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def freeze_adapters(model: nn.Module, read: Callable[[nn.Parameter], torch.Tensor] | None = None) -> TeacherAdapters:
-    """Detached copies of every adapter's (A, B) in the model's dtype: the teacher's adapters.
+def freeze_adapters(model: nn.Module, read: Callable[[nn.Parameter], torch.Tensor] | None = None,
+                    device: torch.device | None = None) -> TeacherAdapters:
+    """Detached copies of every adapter's (A, B) in the model's dtype, on `device` (default: the parameter's).
 
     `read` returns a parameter's full value; under ZeRO pass `deepspeed.utils.safe_get_full_fp32_param`
-    (a collective: call it on every rank).
+    (a collective: call it on every rank), whose fp32 copy may live elsewhere (CPU with optimizer offload).
     """
     read = read or (lambda param: param.detach())
 
     def frozen(param: nn.Parameter) -> torch.Tensor:
-        return read(param).to(param.dtype).clone()
+        return read(param).to(device=device or param.device, dtype=param.dtype, copy=True)
 
     return {name: (frozen(adapter.lora_A), frozen(adapter.lora_B)) for name, adapter in named_adapters(model)}
 

@@ -34,6 +34,9 @@ class SalienceScores:
     neuron: torch.Tensor
     hidden: torch.Tensor
 
+    def to(self, device: torch.device | str) -> SalienceScores:
+        return SalienceScores(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 def ema_update(prev: SalienceScores | None, new: SalienceScores, momentum: float) -> SalienceScores:
     """`momentum · prev + (1 − momentum) · new`; the first update (prev None) is `new` itself."""

@@ -20,6 +20,9 @@ from pipeline.apt.adapters import APTLinear, MaskStore
 from pipeline.apt.masks import MaskSet
 
 Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+Settle = Callable[[nn.Module], None]
+"""Called on each module as soon as it is sliced (ZeRO-3: partition its new weights, so no rank holds the whole
+sliced model at once)."""
 """Parameters -> a context in which their full values can be read (ZeRO-3: `deepspeed.zero.GatheredParameters`)."""
 
 
@@ -125,15 +128,18 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
 
 @torch.no_grad()
 def slice_kept(
-    model: nn.Module, plans: list[LayerKeep], hidden: torch.Tensor, gather: Gather | None = None
+    model: nn.Module, plans: list[LayerKeep], hidden: torch.Tensor, gather: Gather | None = None,
+    settle: Settle | None = None,
 ) -> Replaced:
     """Keep the indexed units of every layer and the `hidden` channels, in place; returns what replaced each
     trainable parameter (frozen ones are not held on to, so each old layer can be freed as soon as it is sliced).
 
     An APT-wrapped model's masks keep their current (possibly fractional) values at the kept positions. `gather`
-    is entered around each layer's parameters, then around the embeddings and the final norm.
+    is entered around each layer's parameters, then around the embeddings and the final norm; `settle` is called
+    on each layer once it is sliced, and on the whole model at the end.
     """
     gather = gather or (lambda params: nullcontext())
+    settle = settle or (lambda module: None)
     decoder = model.model
     head_dim = decoder.layers[0].self_attn.head_dim
     if len(plans) != len(decoder.layers):
@@ -151,10 +157,12 @@ def slice_kept(
     for layer, plan in zip(decoder.layers, plans, strict=True):
         with gather(list(layer.parameters())):
             replaced |= _slice_layer(layer, plan, hidden, head_dim)
+        settle(layer)
     outer = [decoder.embed_tokens.weight, model.lm_head.weight, decoder.norm.weight]
     with gather(list(dict.fromkeys(outer))):  # tied embeddings: one parameter, gathered once
         replaced |= _slice_embeddings(model, hidden)
         replaced |= _slice_vector(decoder.norm, hidden)
+    settle(model)
     _update_config(model.config, hidden.numel(), head_dim, plans[0])
     return replaced
 

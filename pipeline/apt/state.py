@@ -30,6 +30,8 @@ class AptState:
     """Self-distillation: the adapters frozen at the start of the pruning window (name -> (A, B))."""
     skipped_steps: int = 0
     """Steps dropped because a loss was inf/NaN (train.nonfinite=skip)."""
+    overflow_steps: int = 0
+    """fp16 steps DeepSpeed skipped for gradient overflow (the loss scale's search; not a divergence)."""
     growth_budget: float = 0.0
     """Adapter parameters rank growth may reach: apt.tuning_budget x those of the initial, uncompacted model."""
     alive: MaskSet | None = None

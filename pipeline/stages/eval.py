@@ -1,7 +1,8 @@
 """eval: the base model against the export: perplexity, lm-eval-harness scores, generation speed-up.
 
 Both load through plain `transformers.AutoModelForCausalLM.from_pretrained` and stay loaded, so they run the
-same batches in the same process and are timed in interleaved rounds: the ratio holds on a busy machine.
+same batches in the same process and are timed in interleaved rounds: the ratio holds on a busy machine. They sit on
+the accelerator when there is one, in their own dtype (`eval_placement`); on CPU ranks in fp32.
 Writes `eval/metrics.json`; its scalars also go to the stage's metrics, which the driver logs to MLflow.
 """
 
@@ -32,8 +33,9 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
     if section.lm_eval_tasks and not layout.heldout_text.is_file():
         raise FileNotFoundError(f"{layout.heldout_text} not found: the prep stage of an older version wrote "
                                 f"none; run again with --from prep, or set eval.lm_eval_tasks=[]")
-    models = {name: AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                         trust_remote_code=cfg.model.trust_remote_code).eval()
+    device, dtype = eval_placement()
+    models = {name: AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                         trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
               for name, directory in (("base", layout.base_model), ("pruned", layout.export))}
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
     metrics = {}
@@ -58,6 +60,14 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
     return {"base_perplexity": metrics["base"]["val_perplexity"],
             "pruned_perplexity": metrics["pruned"]["val_perplexity"], "params_ratio": metrics["params_ratio"],
             "speedup": speed["speedup"], "speedup_reliable": speed["reliable"]}
+
+
+def eval_placement() -> tuple[torch.device, torch.dtype | str]:
+    """Where the two models run: DeepSpeed's accelerator in each checkpoint's own dtype ("auto"), or the CPU in
+    fp32 (a CPU has no fast 16-bit matmul in general, and the CPU figures stay comparable across runs)."""
+    if dist.on_cpu():
+        return torch.device("cpu"), torch.float32
+    return dist.device(), "auto"
 
 
 def model_shape(config) -> dict:

@@ -28,6 +28,7 @@ from pipeline.layout import RunLayout, finetune_masks
 from pipeline.model_io import load_adapters, load_base_model
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
+from pipeline.teacher import DTYPES
 from pipeline.training import BatchOrder, build_engine, loss_scale
 
 Config = SalienceConfig
@@ -46,40 +47,47 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
     ds_config = load_ds_config(cfg.deepspeed.config, cfg.train, world_size)
 
     model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed,
-                            directory=layout.tuned_base)
+                            directory=layout.tuned_base, dtype=DTYPES[cfg.train.precision])
     shape = ModelShape.from_config(model.config)
     inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha)
     # Injected at the initial rank (so s = alpha / apt.rank, as in training and the merge), grown to the file's ranks.
     load_adapters(model, layout.adapters, max_rank=cfg.apt.max_rank_multiplier * cfg.apt.rank)
     set_masks(model, finetune_masks(layout))
-    accumulator = SalienceAccumulator(shape)
+    accumulator = SalienceAccumulator(shape, device=dist.device())
     accumulator.attach(model)
     engine = build_engine(model, ds_config, cfg.train)  # backward only: the optimizer never steps
 
     batches = BatchOrder(len(train_split), cfg.train.micro_batch_size, 1, world_size, rank,
                          cfg.run.seed + CALIBRATION_SEED_OFFSET)
-    tokens = torch.zeros(1, dtype=torch.float64)
-    for index in tqdm(range(cfg.salience.batches), desc="salience", disable=not dist.is_main()):
-        batch = train_split[batches.indices(index, 0)]
-        accumulator.grad_scale = world_size * loss_scale(engine)
-        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        engine.backward(loss)
-        engine.zero_grad()
-        tokens += batch["input_ids"].numel()
-    accumulator.detach()
-
-    flat = torch.cat([accumulator.pack(), tokens])
-    dist.all_reduce_sum(flat)
-    accumulator.load_packed(flat[:-1])
+    flat = accumulate(engine, accumulator, [batches.indices(index, 0) for index in range(cfg.salience.batches)],
+                      train_split)
     scores = accumulator.scores()
     if dist.is_main():
         tensors = {f"sums.{key}": value for key, value in accumulator.state_dict().items()}
         tensors |= {"scores.head": scores.head, "scores.neuron": scores.neuron, "scores.hidden": scores.hidden,
                     "tokens": flat[-1:]}
+        tensors = {key: value.cpu() for key, value in tensors.items()}
         save_tensors(tensors, layout.salience)
     choose_final_shape(cfg, layout, engine, shape, scores, lambda index: train_split[batches.indices(index, 0)])
     engine.destroy()
     return {"batches": cfg.salience.batches, "tokens": int(flat[-1].item()), "world_size": world_size}
+
+
+def accumulate(engine, accumulator: SalienceAccumulator, rows: list[list[int]], split) -> torch.Tensor:
+    """Forward and backward over this rank's rows, then one SUM all-reduce of the sums and the token count
+    (the accumulator holds the reduced sums afterwards). Returns the reduced buffer, the token count last."""
+    tokens = torch.zeros(1, dtype=torch.float64, device=dist.device())
+    for indices in tqdm(rows, desc="salience", disable=not dist.is_main()):
+        batch = dist.to_device(split[indices])
+        accumulator.grad_scale = dist.world_size() * loss_scale(engine)
+        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        engine.backward(loss)
+        engine.zero_grad()
+        tokens += batch["input_ids"].numel()
+    accumulator.detach()
+    flat = dist.all_reduce_sum(torch.cat([accumulator.pack(), tokens]))
+    accumulator.load_packed(flat[:-1])
+    return flat
 
 
 def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: ModelShape, scores, batch_at) -> None:

@@ -4,7 +4,9 @@ right before, the adapters' Adam moments follow their kept elements, and trainin
 One spawn runs both stages (a launch costs most of the time) and writes its measurements; the tests check them.
 """
 
+import contextlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -94,7 +96,8 @@ def compaction(stage, ds_config, train, rank, world_size):
     before = logits(engine)
     loss_before = train_step(engine, ids)  # the step that compaction follows
     before_after_step, old_state, lr = logits(engine), adapter_state(engine), engine.get_lr()
-    engine = compact_engine(engine, plan, ds_config, make)
+    with watch_rebuild(engine) as rebuild:
+        engine = compact_engine(engine, plan, ds_config, make)
     new_state = adapter_state(engine)
     expected = expected_slices(old_state, plan)
     result = {
@@ -112,9 +115,29 @@ def compaction(stage, ds_config, train, rank, world_size):
         "global_steps": engine.global_steps,
         "losses": [loss_before] + [train_step(engine, ids) for _ in range(STEPS_AFTER)],
         "replica_diff": replica_diff(engine),
+        **rebuild,
     }
     engine.destroy()
     return result
+
+
+@contextlib.contextmanager
+def watch_rebuild(engine):
+    """What holds memory at the moment the new engine is built: the old optimizer, whole (unpartitioned) weights."""
+    import deepspeed
+
+    old_optimizer, seen, initialize = weakref.ref(engine.optimizer), {}, deepspeed.initialize
+
+    def spy(model, **kwargs):
+        seen["old_optimizer_freed"] = old_optimizer() is None
+        seen["whole_weights"] = sum(p.numel() for p in model.parameters() if not hasattr(p, "ds_id"))
+        return initialize(model=model, **kwargs)
+
+    deepspeed.initialize = spy
+    try:
+        yield seen
+    finally:
+        deepspeed.initialize = initialize
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +170,14 @@ def test_adapter_weights_and_adam_moments_follow_their_kept_elements(results):
         assert result["exp_avg_norm"] > 0
         assert result["lr"][0] == result["lr"][1]
         assert result["global_steps"] == 3
+
+
+def test_the_new_engine_is_built_after_the_old_one_let_go(measured):
+    """The old optimizer's memory is free, and under ZeRO-3 every sliced weight already partitioned (layer by
+    layer as it was sliced), when the new engine allocates its own: a rebuild does not double memory."""
+    for by_stage in measured:
+        assert by_stage["zero2"]["old_optimizer_freed"]
+        assert by_stage["zero3"]["old_optimizer_freed"] and by_stage["zero3"]["whole_weights"] == 0
 
 
 def test_training_goes_on_with_a_falling_loss(results):

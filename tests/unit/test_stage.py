@@ -182,7 +182,7 @@ def test_write_failure_knows_refused_writes_and_nothing_else(tmp_path):
 
 
 def test_cpu_ranks_get_thread_and_allocator_settings_unless_the_user_set_them(monkeypatch):
-    monkeypatch.setattr(driver, "_has_cuda", lambda: False)
+    monkeypatch.setattr(driver, "on_cpu", lambda: True)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     env = driver.rank_environment(ranks_per_node=2)
@@ -191,6 +191,6 @@ def test_cpu_ranks_get_thread_and_allocator_settings_unless_the_user_set_them(mo
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert driver.rank_environment(ranks_per_node=2)["MALLOC_MMAP_THRESHOLD_"] == "65536"
-    monkeypatch.setattr(driver, "_has_cuda", lambda: True)
+    monkeypatch.setattr(driver, "on_cpu", lambda: False)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert "MALLOC_MMAP_THRESHOLD_" not in driver.rank_environment(ranks_per_node=2)  # GPU ranks: left alone

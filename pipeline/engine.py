@@ -71,7 +71,7 @@ def rebuild_engine(engine, ds_config: dict, make_optimizer: MakeOptimizer, resha
     loss_scaler = engine.optimizer.loss_scaler
     engine.destroy()
     _remove_module_hooks(engine, model)
-    _release(engine)
+    _release(engine, [*model.parameters(), *carry])
     gc.collect()  # DeepSpeed's hooks and buffers form reference cycles; collect what destroy() unlinked
     dist.empty_cache()  # the new engine allocates in memory the old one had, not beside it
 
@@ -107,12 +107,21 @@ def _remove_module_hooks(engine, model: nn.Module) -> None:
             module.__dict__.pop(name, None)
 
 
-def _release(engine) -> None:
+def _release(engine, params: list[nn.Parameter]) -> None:
     """Drop what a destroyed engine holds beyond the module (fp32 partitions, Adam moments, gradient buckets): the
-    caller's reference to the old engine, alive until the rebuild returns, then keeps only an empty shell."""
+    caller's reference to the old engine, alive until the rebuild returns, then keeps only an empty shell.
+
+    `params`: the model's parameters and those a reshape replaced; ZeRO-3 gives each a reference to its optimizer.
+    The ZeRO optimizer is emptied as well: under ZeRO-3 compaction something of DeepSpeed's keeps the replaced
+    weights, and through them the optimizer object, alive until the rebuild returns; empty, it holds no memory.
+    """
+    optimizer = engine.optimizer
     for name in ("optimizer", "basic_optimizer", "client_optimizer", "lr_scheduler", "client_lr_scheduler"):
         if name in engine.__dict__:
             engine.__dict__[name] = None
+    for param in params:
+        param.__dict__.pop("_z3_optimizer", None)
+    optimizer.__dict__.clear()
 
 
 def _optimizer_layout(engine) -> tuple[list[str], torch.Tensor | int | None]:

@@ -67,7 +67,18 @@ def test_rows_cover_every_pair():
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
 def test_combination_runs_the_chain(tmp_path, small_corpus, row):
-    overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
+    run_chain(tmp_path, small_corpus, [f"{key}={json.dumps(value)}" for key, value in row.items()])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_offload_template_runs_the_chain(tmp_path, small_corpus):
+    """ZeRO-3 with optimizer and parameters in CPU memory, the client AdamW allowed (zero_force_ds_cpu_optimizer)."""
+    run_chain(tmp_path, small_corpus, ["deepspeed.config=ds_configs/zero3_offload_bf16.json", "train.precision=bf16"])
+
+
+def run_chain(tmp_path, small_corpus, overrides: list[str]) -> None:
+    """prep -> eval through the CLI on two CPU ranks; the export must load with finalize's parameter count."""
     command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "tests/tiny.yaml", f"run.root={tmp_path}",
                f"data.sources=[{small_corpus}]", f"deepspeed.master_port={free_port()}", *FAST, *overrides]
     result = subprocess.run(command, capture_output=True, text=True)

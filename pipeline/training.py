@@ -72,6 +72,12 @@ def loss_scale(engine) -> float:
     return float(scale) if engine.fp16_enabled() else 1.0
 
 
+def halve_loss_scale(engine) -> float:
+    """Halve the fp16 dynamic loss scale, as DeepSpeed does after an overflowing step; returns the new scale."""
+    engine.optimizer.loss_scale = loss_scale(engine) / 2
+    return loss_scale(engine)
+
+
 @torch.no_grad()
 def reduce_losses(objective: torch.Tensor, task_loss: torch.Tensor) -> tuple[list[int], float, float]:
     """(ranks whose objective is inf/NaN, mean objective, mean task loss over the ranks): one small all-reduce.

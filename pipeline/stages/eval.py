@@ -33,9 +33,7 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
     if section.lm_eval_tasks and not layout.heldout_text.is_file():
         raise FileNotFoundError(f"{layout.heldout_text} not found: the prep stage of an older version wrote "
                                 f"none; run again with --from prep, or set eval.lm_eval_tasks=[]")
-    device, dtype = eval_placement()
-    models = {name: AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
-                                                         trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+    models = {name: load_for_eval(directory, cfg.model.trust_remote_code)
               for name, directory in (("base", layout.base_model), ("pruned", layout.export))}
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
     metrics = {}
@@ -60,6 +58,16 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
     return {"base_perplexity": metrics["base"]["val_perplexity"],
             "pruned_perplexity": metrics["pruned"]["val_perplexity"], "params_ratio": metrics["params_ratio"],
             "speedup": speed["speedup"], "speedup_reliable": speed["reliable"]}
+
+
+def load_for_eval(directory: Path, trust_remote_code: bool):
+    """A checkpoint in eval mode where `eval_placement` says; on an accelerator read straight onto it (device_map),
+    so the host never holds a whole copy."""
+    device, dtype = eval_placement()
+    on_accelerator = device.type != "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map=str(device) if on_accelerator else None)
+    return model.to(device).eval()
 
 
 def eval_placement() -> tuple[torch.device, torch.dtype | str]:

@@ -29,7 +29,7 @@ from pipeline.model_io import load_adapters, load_base_model
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
 from pipeline.teacher import DTYPES
-from pipeline.training import BatchOrder, build_engine, loss_scale
+from pipeline.training import BatchOrder, build_engine, halve_loss_scale, loss_scale
 
 Config = SalienceConfig
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -77,17 +77,34 @@ def accumulate(engine, accumulator: SalienceAccumulator, rows: list[list[int]], 
     """Forward and backward over this rank's rows, then one SUM all-reduce of the sums and the token count
     (the accumulator holds the reduced sums afterwards). Returns the reduced buffer, the token count last."""
     tokens = torch.zeros(1, dtype=torch.float64, device=dist.device())
-    for indices in tqdm(rows, desc="salience", disable=not dist.is_main()):
+    for index, indices in enumerate(tqdm(rows, desc="salience", disable=not dist.is_main())):
         batch = dist.to_device(split[indices])
-        accumulator.grad_scale = dist.world_size() * loss_scale(engine)
-        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        engine.backward(loss)
-        engine.zero_grad()
+        while not calibration_step(engine, accumulator, batch):
+            if not engine.fp16_enabled() or loss_scale(engine) <= 1:
+                raise FloatingPointError(f"salience batch {index}: non-finite gradients on some rank; the fine-tuned "
+                                         f"model diverged (check finetune/metrics.jsonl)")
+            log.info("salience batch %d: fp16 gradients overflowed; again at loss scale %g", index,
+                     halve_loss_scale(engine))
         tokens += batch["input_ids"].numel()
     accumulator.detach()
     flat = dist.all_reduce_sum(torch.cat([accumulator.pack(), tokens]))
     accumulator.load_packed(flat[:-1])
     return flat
+
+
+def calibration_step(engine, accumulator: SalienceAccumulator, batch: dict) -> bool:
+    """One batch's forward and backward into the sums; False, the sums as they were, when any rank's gradients
+    overflowed (fp16: the loss scale is never tuned here, as no step is taken). Collective: every rank agrees."""
+    before = accumulator.pack()
+    accumulator.grad_scale = dist.world_size() * loss_scale(engine)
+    loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    engine.backward(loss)
+    engine.zero_grad()
+    overflowed = (~torch.isfinite(accumulator.pack()).all()).double().reshape(1)
+    if dist.all_reduce_sum(overflowed).item() == 0:
+        return True
+    accumulator.load_packed(before)
+    return False
 
 
 def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: ModelShape, scores, batch_at) -> None:

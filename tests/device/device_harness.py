@@ -58,12 +58,28 @@ class Collectives:
         self.devices.append(tensor.device)
 
 
-class StandInEngine:
-    """The part of a DeepSpeed engine the recipe and the stages use, around a module on `device`."""
+class StandInOptimizer:
+    """A ZeRO optimizer's loss-scale interface: `loss_scale` reads and sets `loss_scaler.cur_scale`."""
 
-    def __init__(self, module, device=ACCELERATOR, step_applied: bool = True):
-        self.module, self.device, self.step_applied = module.to(device), device, step_applied
-        self.optimizer = SimpleNamespace(cur_scale=1.0)
+    def __init__(self, scale: float):
+        self.loss_scaler = SimpleNamespace(cur_scale=scale)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.cur_scale
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        self.loss_scaler.cur_scale = value
+
+
+class StandInEngine:
+    """The part of a DeepSpeed engine the recipe and the stages use, around a module on `device`. With `fp16`,
+    `backward` scales the loss by the dynamic loss scale, as DeepSpeed does."""
+
+    def __init__(self, module, device=ACCELERATOR, step_applied: bool = True, fp16: bool = False):
+        self.module, self.device, self.step_applied, self.fp16 = module.to(device), device, step_applied, fp16
+        self.optimizer = StandInOptimizer(2.0**16 if fp16 else 1.0)
         self.steps = 0
 
     def __call__(self, **inputs):
@@ -73,7 +89,7 @@ class StandInEngine:
         return self.module(**inputs)
 
     def backward(self, loss):
-        loss.backward()
+        (loss * self.optimizer.loss_scale).backward()
 
     def step(self):
         self.steps += 1
@@ -86,7 +102,7 @@ class StandInEngine:
         self.module.zero_grad(set_to_none=True)
 
     def fp16_enabled(self) -> bool:
-        return False
+        return self.fp16
 
     def get_lr(self):
         return [1e-3]

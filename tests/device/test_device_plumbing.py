@@ -111,7 +111,26 @@ def test_the_salience_stage_accumulates_and_reduces_on_the_device(accelerator, s
     accumulator.attach(engine.module)
     flat = accumulate(engine, accumulator, [[0, 1], [2, 3]], rows())
     assert flat.device == ACCELERATOR and accumulator.pack().device == ACCELERATOR
-    assert accelerator.devices == [ACCELERATOR]
+    assert accelerator.devices == [ACCELERATOR] * 3  # each batch's overflow flag, then the sums
+
+
+def test_calibration_retries_an_overflowing_fp16_batch_at_a_lower_loss_scale():
+    """The salience stage takes no optimizer step, so DeepSpeed never tunes its loss scale: the stage does."""
+    from pipeline.stages.salience import accumulate
+
+    model = tiny_llama()
+    engine = StandInEngine(model, device=torch.device("cpu"), fp16=True)
+
+    def overflow_above_2_to_the_10th(module, args, out):  # the first tries' gradients are inf
+        if out.requires_grad and engine.optimizer.loss_scale > 2**10:
+            out.register_hook(lambda grad: grad * math.inf)
+
+    model.model.layers[0].mlp.register_forward_hook(overflow_above_2_to_the_10th)
+    accumulator = SalienceAccumulator(ModelShape.from_config(model.config), device=torch.device("cpu"))
+    accumulator.attach(model)
+    flat = accumulate(engine, accumulator, [[0, 1], [2, 3]], rows())
+    assert engine.optimizer.loss_scale == 2**10 and torch.isfinite(flat).all()
+    assert flat[-1] == 4 * 16  # both batches counted once
 
 
 # ---- the finetune recipe --------------------------------------------------------------------------------------
@@ -159,6 +178,26 @@ def test_the_recipe_puts_its_salience_accumulator_on_the_device(accelerator, str
     recipe.ds_config = {}
     recipe.load_model(vocab_size=128, meta=None)
     assert recipe.salience.pack().device == ACCELERATOR
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero2_ranks_read_the_base_in_the_training_dtype(tiny_config, tmp_path, monkeypatch, precision):
+    from transformers import LlamaForCausalLM
+
+    from pipeline import recipe as recipe_module
+
+    dtypes = []
+
+    def load(*args, dtype=None, **kwargs):
+        dtypes.append(dtype)
+        return LlamaForCausalLM(tiny_llama().config)
+
+    monkeypatch.setattr(recipe_module, "load_base_model", load)
+    recipe = bare_recipe(tiny_config, tmp_path, StandInEngine(tiny_llama(), device=torch.device("cpu")),
+                         f"train.precision={precision}")
+    recipe.ds_config = {"zero_optimization": {"stage": 2}}
+    recipe.load_model(vocab_size=128, meta=None)
+    assert dtypes == [{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]]  # not a whole fp32 copy per rank
 
 
 def test_a_step_deepspeed_skips_leaves_the_salience_as_it_was(tiny_config, tmp_path):

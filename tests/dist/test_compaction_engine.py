@@ -173,6 +173,7 @@ def test_adapter_weights_and_adam_moments_follow_their_kept_elements(results):
         assert result["global_steps"] == 3
 
 
+@pytest.mark.device
 def test_the_new_engine_is_built_after_the_old_one_let_go(measured):
     """The old optimizer's memory is free, and under ZeRO-3 every sliced weight already partitioned (layer by
     layer as it was sliced), when the new engine allocates its own: a rebuild does not double memory."""

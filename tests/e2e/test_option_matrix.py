@@ -72,6 +72,7 @@ def test_combination_runs_the_chain(tmp_path, small_corpus, row):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.device
 def test_the_offload_template_runs_the_chain(tmp_path, small_corpus):
     """ZeRO-3 with optimizer and parameters in CPU memory, the client AdamW allowed (zero_force_ds_cpu_optimizer)."""
     run_chain(tmp_path, small_corpus, ["deepspeed.config=ds_configs/zero3_offload_bf16.json", "train.precision=bf16"])

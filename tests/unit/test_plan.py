@@ -115,6 +115,7 @@ def test_uneven_world_size_is_refused():
         plan.plan_memory("7b", LLAMA2_7B, 12)
 
 
+@pytest.mark.device
 def test_distillation_adds_the_teachers_logits_hidden_states_and_the_kl():
     llama3 = plan.BUILTIN_MODELS["llama-3-8b"]
     tokens = 4 * 1024
@@ -123,6 +124,7 @@ def test_distillation_adds_the_teachers_logits_hidden_states_and_the_kl():
     assert 10 * 2**30 < extra < 13 * 2**30  # the issue's "about +12 GB" at LLaMA-3's vocabulary
 
 
+@pytest.mark.device
 def test_plan_reads_a_run_config_whose_paths_are_elsewhere(capsys):
     """configs/llama3-8b.yaml names /models/... (not here): its batch, length, precision, GPUs and distillation are
     planned, and --model gives the shape."""

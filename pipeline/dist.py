@@ -70,11 +70,15 @@ def synchronize() -> None:
 
 def init_distributed(timeout_minutes: float) -> None:
     """Join the process group the launcher set up, on the backend of DeepSpeed's accelerator (NCCL for CUDA, gloo
-    for CPU ranks), so the group and the engine never disagree; a hung peer fails after the timeout."""
+    for CPU ranks), so the group and the engine never disagree, with this rank's device made current; a hung peer
+    fails after the timeout."""
     import datetime
 
     import deepspeed
 
+    # Each rank computes on the device of its local rank from here on: what it creates before the engine exists
+    # (the model under ZeRO-3, the salience sums) must not all land on device 0.
+    accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = accelerator().communication_backend_name()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # DeepSpeed creates its ZeRO sub-groups without a timeout, so torch gives them its module default (30 min on

@@ -260,12 +260,17 @@ def test_eval_runs_on_the_accelerator_in_the_checkpoints_dtype(accelerator, stri
     generate_seconds(model, prompts, 2)
 
 
-def test_the_process_group_backend_is_the_accelerators(monkeypatch):
+def test_the_process_group_backend_is_the_accelerators_and_each_rank_gets_its_device(monkeypatch):
     import deepspeed
 
     class Nccl:
+        devices: list[int] = []
+
         def communication_backend_name(self):
             return "nccl"
+
+        def set_device(self, index):
+            self.devices.append(index)
 
     import torch.distributed.distributed_c10d as c10d
 
@@ -274,5 +279,7 @@ def test_the_process_group_backend_is_the_accelerators(monkeypatch):
         monkeypatch.setattr(c10d, name, getattr(c10d, name))
     monkeypatch.setattr(dist, "accelerator", lambda: Nccl())
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend, timeout: backends.append(dist_backend))
+    monkeypatch.setenv("LOCAL_RANK", "3")
     dist.init_distributed(1.0)
-    assert backends == ["nccl"]
+    # Set before the model and the salience sums are created (DeepSpeed itself sets it only in initialize).
+    assert backends == ["nccl"] and Nccl.devices == [3]

@@ -20,10 +20,10 @@ from pipeline.apt.adapters import APTLinear, MaskStore
 from pipeline.apt.masks import MaskSet
 
 Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+"""Parameters -> a context in which their full values can be read (ZeRO-3: `deepspeed.zero.GatheredParameters`)."""
 Settle = Callable[[nn.Module], None]
 """Called on each module as soon as it is sliced (ZeRO-3: partition its new weights, so no rank holds the whole
 sliced model at once)."""
-"""Parameters -> a context in which their full values can be read (ZeRO-3: `deepspeed.zero.GatheredParameters`)."""
 
 
 @dataclass(frozen=True)

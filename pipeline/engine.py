@@ -22,6 +22,8 @@ from deepspeed.utils import (
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 from torch import nn
 
@@ -85,10 +87,29 @@ def rebuild_engine(engine, ds_config: dict, make_optimizer: MakeOptimizer, resha
     if step is not None:
         _create_optimizer_state(engine.optimizer, moments, step)
     for param, state in zip(trainable, saved, strict=True):
+        _write_state(param, state)
+    return engine
+
+
+def _write_state(param: nn.Parameter, state: dict[str, torch.Tensor]) -> None:
+    """A parameter's full fp32 value and moments into the new engine. ZeRO-3 writes each rank's own partition:
+    DeepSpeed 0.19's full-value setter reads past the end of a parameter whose size the ranks do not divide."""
+    if not hasattr(param, "ds_id"):
         safe_set_full_fp32_param(param, state.pop("param"))
         for key, value in state.items():
             safe_set_full_optimizer_state(param, value, key)
-    return engine
+        return
+    safe_set_local_fp32_param(param, _local_partition(param, state.pop("param")))
+    for key, value in state.items():
+        safe_set_local_optimizer_state(param, _local_partition(param, value), key)
+
+
+def _local_partition(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full value, zero-padded at the end as DeepSpeed pads the last one."""
+    size = param.ds_tensor.numel()
+    start = torch.distributed.get_rank(group=param.ds_process_group) * size
+    part = value.flatten()[start:start + size]
+    return torch.cat([part, part.new_zeros(size - part.numel())])
 
 
 def _remove_module_hooks(engine, model: nn.Module) -> None:
@@ -230,10 +251,15 @@ def _gathered(params: list[nn.Parameter]):
 
 
 def _partitioner(ds_config: dict):
-    """ZeRO-3: partition a sliced module's new weights right away (DeepSpeed's `zero.Init(module=...)`), so a rank
-    holds one whole sliced layer at a time, never the whole compacted model (weights already partitioned are
-    left alone)."""
+    """ZeRO-3: partition a sliced module's new frozen weights right away (DeepSpeed's `zero.Init(module=...)`), so
+    a rank holds one whole sliced layer at a time, never the whole compacted model. Weights already partitioned are
+    left alone, and so are the adapters: small, and the new engine partitions them as it carries their values (its
+    own partitioning of a trainable parameter is what `safe_set_full_fp32_param` expects; an odd-sized one
+    partitioned here first was refused)."""
     def partition(module: nn.Module) -> None:
-        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+        frozen = nn.Module()  # a holder: Init converts the parameter objects, which the layer shares
+        for index, param in enumerate(p for p in module.parameters() if not p.requires_grad):
+            frozen.register_parameter(f"p{index}", param)
+        deepspeed.zero.Init(module=frozen, config_dict_or_path=ds_config)
 
     return partition

@@ -123,7 +123,8 @@ def compaction(stage, ds_config, train, rank, world_size):
 
 @contextlib.contextmanager
 def watch_rebuild(engine):
-    """What holds memory at the moment the new engine is built: the old optimizer, whole (unpartitioned) weights."""
+    """What holds memory at the moment the new engine is built: the old optimizer, whole (unpartitioned) frozen
+    weights."""
     import deepspeed
 
     old_optimizer, seen, initialize = weakref.ref(engine.optimizer), {}, deepspeed.initialize
@@ -131,7 +132,8 @@ def watch_rebuild(engine):
     def spy(model, **kwargs):
         # Freed, or (ZeRO-3, see engine._release) an empty object that holds nothing.
         seen["old_optimizer_freed"] = old_optimizer() is None or not vars(old_optimizer())
-        seen["whole_weights"] = sum(p.numel() for p in model.parameters() if not hasattr(p, "ds_id"))
+        seen["whole_weights"] = sum(p.numel() for p in model.parameters() if not hasattr(p, "ds_id")
+                                    and not p.requires_grad)  # the adapters: small, the new engine partitions them
         return initialize(model=model, **kwargs)
 
     deepspeed.initialize = spy

@@ -7,7 +7,7 @@ import sys
 
 from pipeline import config as config_lib
 from pipeline import plan as planner
-from pipeline import preflight
+from pipeline import preflight, run_lock
 from pipeline import run as driver
 
 DESCRIPTION = """APT (Adaptive Pruning and Tuning) for LLaMA-family models under DeepSpeed.
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             preflight.check(cfg, tracking_server=False)  # one stage alone logs to metrics.jsonl only
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
-    except config_lib.ConfigError as e:  # bad config or inputs: the message says what to fix, no traceback
+            with run_lock.hold(cfg.run_dir):
+                driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+    except (config_lib.ConfigError, run_lock.RunLocked) as e:  # refused at start-up: the message says why
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 2
     except driver.StageFailed as e:  # a rank died or a write was refused: the message names it and the fix

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoints, nodes, preflight, tracking
+from pipeline import checkpoints, nodes, preflight, run_lock, tracking
 from pipeline import config as config_lib
 from pipeline.dist import get_logger, is_main, on_cpu, rank, world_size
 from pipeline.layout import RunLayout
@@ -87,8 +87,14 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
     preflight.check(cfg)  # bad inputs fail here, before the run directory exists
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
-    log.info("run directory: %s", run_dir)
+    with run_lock.hold(run_dir):
+        write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
+        log.info("run directory: %s", run_dir)
+        run_stages(cfg, run_dir, from_stage)
+
+
+def run_stages(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None) -> None:
+    """Every stage that is not done, in order, each tracked in the run's MLflow run; then the run's summary."""
     rerun_rest = False
     with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
         for stage in STAGES:

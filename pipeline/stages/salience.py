@@ -66,7 +66,6 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
         tensors = {f"sums.{key}": value for key, value in accumulator.state_dict().items()}
         tensors |= {"scores.head": scores.head, "scores.neuron": scores.neuron, "scores.hidden": scores.hidden,
                     "tokens": flat[-1:]}
-        tensors = {key: value.cpu() for key, value in tensors.items()}
         save_tensors(tensors, layout.salience)
     choose_final_shape(cfg, layout, engine, shape, scores, lambda index: train_split[batches.indices(index, 0)])
     engine.destroy()
@@ -127,7 +126,8 @@ def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: Mo
         return choose_shape(engine, candidates, held_out, lambda masks: set_masks(engine.module, masks),
                             restore=trained)
 
-    masks, shapes, choice = search_target(shape, scores, budget, pruning, measure=measure, alive=trained)
+    # The search runs on the CPU, beside the fine-tune's masks; the scores come from the device.
+    masks, shapes, choice = search_target(shape, scores.to("cpu"), budget, pruning, measure=measure, alive=trained)
     rows = describe(shape, shapes, choice)
     if dist.is_main():
         folder = layout.salience.parent

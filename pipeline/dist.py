@@ -44,11 +44,12 @@ def device():
     return torch.device(accelerator().current_device_name())
 
 
-def to_device(batch: dict) -> dict:
-    """A batch of dataset rows (CPU tensors) on `device()`: DeepSpeed's forward does not move its inputs."""
+def to_device(batch: dict, target=None) -> dict:
+    """A batch of dataset rows (CPU tensors) on `target` (default `device()`): DeepSpeed's forward does not move
+    its inputs."""
     import torch
 
-    here = device()
+    here = target or device()
     return {key: value.to(here, non_blocking=True) if torch.is_tensor(value) else value
             for key, value in batch.items()}
 

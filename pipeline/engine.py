@@ -253,9 +253,8 @@ def _gathered(params: list[nn.Parameter]):
 def _partitioner(ds_config: dict):
     """ZeRO-3: partition a sliced module's new frozen weights right away (DeepSpeed's `zero.Init(module=...)`), so
     a rank holds one whole sliced layer at a time, never the whole compacted model. Weights already partitioned are
-    left alone, and so are the adapters: small, and the new engine partitions them as it carries their values (its
-    own partitioning of a trainable parameter is what `safe_set_full_fp32_param` expects; an odd-sized one
-    partitioned here first was refused)."""
+    left alone, and so are the adapters: they are small, and the new engine partitions them before `_write_state`
+    fills them."""
     def partition(module: nn.Module) -> None:
         frozen = nn.Module()  # a holder: Init converts the parameter objects, which the layer shares
         for index, param in enumerate(p for p in module.parameters() if not p.requires_grad):

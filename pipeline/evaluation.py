@@ -17,7 +17,7 @@ def perplexity(model, split, batch_size: int, max_batches: int) -> float:
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     for start in range(0, min(len(split), batch_size * max_batches), batch_size):
-        batch = {key: value.to(device) for key, value in split[start:start + batch_size].items()}
+        batch = dist.to_device(split[start:start + batch_size], device)
         count = int((batch["labels"][:, 1:] != -100).sum())
         loss_sum += model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item() * count
         tokens += count

@@ -70,7 +70,7 @@ def choose_shape(
             for index, masks in enumerate(candidates):
                 set_masks_fn(masks)
                 for batch in batches:
-                    sums[2 * index: 2 * index + 2] += _batch_loss(model, dist.to_device(batch))
+                    sums[2 * index: 2 * index + 2] += loss_sum(model, dist.to_device(batch))
     finally:
         model.train(was_training)
         if restore is not None:
@@ -81,7 +81,7 @@ def choose_shape(
     return ShapeChoice(index=best, losses=losses, tokens=int(sums[1]))
 
 
-def _batch_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def loss_sum(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[loss × scored tokens, scored tokens] of one batch (float64, on its device): the mean weighted into a sum."""
     input_ids = batch["input_ids"]
     labels = batch.get("labels", input_ids)

@@ -15,6 +15,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pipeline import dist
+from pipeline.shape_choice import loss_sum
 
 
 class BatchOrder:
@@ -107,10 +108,7 @@ def evaluate(engine, split, micro_batch: int, max_batches: int, world_size: int,
         rows = [r for r in rows if r < len(split)]
         if not rows:
             break
-        batch = dist.to_device(split[rows])
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss.double()
-        totals += torch.stack([loss * tokens, tokens.double()])
+        totals += loss_sum(engine, dist.to_device(split[rows]))
     dist.all_reduce_sum(totals)
     engine.train()
     total_loss, total_tokens = totals.tolist()

@@ -12,8 +12,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline import dist
 from pipeline.apt.adapters import grow_rank, named_adapters
+from pipeline.apt.blocks import ModelShape
 from pipeline.ds_config import zero_stage
-from pipeline.layout import RunLayout
 
 
 def build_config(model_cfg, vocab_size: int):
@@ -26,29 +26,37 @@ def build_config(model_cfg, vocab_size: int):
     )
 
 
-def load_base_model(model_cfg, vocab_size: int, ds_config: dict, run_dir: Path, seed: int,
-                    directory: Path | None = None, dtype: torch.dtype | None = None):
-    """The frozen base: `directory` (default: the original base), or a fresh build.
+def model_shape(path: Path | str, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of the model whose config is at `path` (a from_pretrained folder or a config.json)."""
+    return ModelShape.from_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
 
-    Under ZeRO-3 a checkpoint is loaded partitioned (HfDeepSpeedConfig), so no rank holds the whole model, and read
-    in the dtype ZeRO-3 partitions in. Otherwise it is read in `dtype` (default fp32; DeepSpeed casts it).
-    A fresh build uses the same seed on every rank, so no rank waits for another; rank 0 saves it once.
+
+def load_base_model(directory: Path, model_cfg, ds_config: dict, dtype: torch.dtype | None = None):
+    """The frozen base in the from_pretrained folder `directory`.
+
+    Under ZeRO-3 it is loaded partitioned (HfDeepSpeedConfig), so no rank holds the whole model, and read in the
+    dtype ZeRO-3 partitions in. Otherwise it is read in `dtype` (default fp32; DeepSpeed casts it).
     """
-    if directory is not None and not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}/config.json not found: the (compacted) base the finetune checkpoints "
-                                f"refer to is missing; restore it, or delete {directory.parent} to start over")
-    directory = directory or RunLayout(run_dir, model_cfg).base_model
-    if (directory / "config.json").is_file():
-        zero3 = zero_stage(ds_config) == 3
-        # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
-        _ds_context = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
-        # ZeRO-3 keeps the partitions in its 16-bit dtype anyway: reading the shards in fp32 would only add an fp32
-        # copy of each shard (2 GB per 1 GB shard on the rank that reads them).
-        dtype = partition_dtype(ds_config) if zero3 else dtype or torch.float32
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
-                                                    trust_remote_code=model_cfg.trust_remote_code)
-    if model_cfg.path is not None:
-        raise FileNotFoundError(f"model.path: {directory}/config.json not found; give a from_pretrained folder")
+    if not (directory / "config.json").is_file():  # model.path was checked at start-up: a run's own folder is gone
+        raise FileNotFoundError(f"{directory}/config.json not found: a base model this run wrote (and its "
+                                f"checkpoints refer to) is missing; restore it, or delete {directory.parent} to "
+                                f"start that stage over")
+    zero3 = zero_stage(ds_config) == 3
+    # Keeping this object alive while from_pretrained runs makes it build the model ZeRO-3-partitioned.
+    _ds_context = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
+    # ZeRO-3 keeps the partitions in its 16-bit dtype anyway: reading the shards in fp32 would only add an fp32
+    # copy of each shard (2 GB per 1 GB shard on the rank that reads them).
+    dtype = partition_dtype(ds_config) if zero3 else dtype or torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+
+
+def original_base(model_cfg, directory: Path, vocab_size: int, ds_config: dict, seed: int,
+                  dtype: torch.dtype | None = None):
+    """The run's original base: loaded from `directory`, or, the first time a run without `model.path` starts,
+    built from the model section with the same seed on every rank (no rank waits) and saved there by rank 0."""
+    if (directory / "config.json").is_file() or model_cfg.path is not None:
+        return load_base_model(directory, model_cfg, ds_config, dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(model_cfg, vocab_size), dtype=torch.float32)
     if dist.is_main():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.apt.blocks import ModelShape, total_params
+from pipeline.model_io import model_shape
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -141,13 +142,6 @@ def plan_memory(name: str, shape: ModelShape, world_size: int, *, gpus_per_node:
     )
 
 
-def load_model_shape(path: Path, trust_remote_code: bool = False) -> ModelShape:
-    """The shape of a LLaMA / Mistral / Qwen2 `config.json` (a file, or the folder holding it)."""
-    from transformers import AutoConfig
-
-    return ModelShape.from_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
-
-
 def markdown_table(plans: list[MemoryPlan]) -> str:
     """One row per model and world size; memory in GiB per GPU (CPU per node for offload)."""
     header = ("| model | GPUs | base params | adapter params | activations | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload "
@@ -170,6 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a built-in shape (repeatable; default: all four unless --model-config is given)")
     parser.add_argument("--model-config", type=Path, action="append", default=[], metavar="PATH",
                         help="a model's config.json (or its folder); repeatable")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the modeling code a --model-config folder ships")
     parser.add_argument("--world-size", type=int, action="append", metavar="N",
                         help=f"GPUs in all (repeatable; default: {', '.join(map(str, DEFAULT_WORLD_SIZES))})")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -210,7 +206,7 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
     """Flags first, then the run config's sections (`--config`), then the defaults."""
     run = config_values(args.config) if args.config is not None else {}
     models = [(name, BUILTIN_MODELS[name]) for name in args.model or ()]
-    models += [(str(path), load_model_shape(path)) for path in args.model_config]
+    models += [(str(path), model_shape(path, args.trust_remote_code)) for path in args.model_config]
     model_not_here = not models and args.config is not None and "model" not in run
     if not models:
         models = [run["model"]] if "model" in run else list(BUILTIN_MODELS.items())
@@ -229,17 +225,18 @@ def config_values(path: Path) -> dict:
     from pipeline.config import read_sections
     from pipeline.model_io import build_config
 
-    s = read_sections(path, ("model", "data", "apt", "train", "deepspeed"))
+    s = read_sections(path, ("model", "tokenizer", "data", "apt", "train", "deepspeed"))
     values = {"world_sizes": [s["deepspeed"].num_gpus * s["deepspeed"].num_nodes],
               "micro_batch": s["train"].micro_batch_size, "seq_len": s["data"].seq_len,
               "rank": s["apt"].rank * s["apt"].max_rank_multiplier, "targets": tuple(s["apt"].adapter_targets),
               "distill": s["apt"].distill, "weight_bytes": PRECISION_BYTES[s["train"].precision]}
     model = s["model"]
-    if model.path is None:
-        config = build_config(model, vocab_size=model.vocab_size or 32000)
+    if model.path is None:  # built: its vocabulary is the tokenizer's (a trained one's size; else assume 32000)
+        tokenizer = s["tokenizer"]
+        config = build_config(model, vocab_size=tokenizer.vocab_size if tokenizer.path is None else 32000)
         values["model"] = (f"{path.name} (built)", ModelShape.from_config(config))
     elif (Path(model.path) / "config.json").is_file():
-        values["model"] = (model.path, load_model_shape(Path(model.path), model.trust_remote_code))
+        values["model"] = (model.path, model_shape(model.path, model.trust_remote_code))
     return values
 
 

@@ -18,7 +18,7 @@ import sentencepiece as spm
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from pipeline import corpus, lm_eval_tasks, tracking
+from pipeline import corpus, lm_eval_tasks, model_io, tracking
 from pipeline.apt import shapes
 from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
 from pipeline.config import ConfigError, RunConfig
@@ -95,13 +95,13 @@ def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
 def target_shape_problems(cfg: RunConfig) -> list[str]:
     """`pruning.target_shape` fits the model: no size above the model's, KV heads as `pruning.attention_mode`
     keeps them (the config checked its form already)."""
-    if cfg.pruning.target_shape is None or (shape := model_shape(cfg.model)) is None:
+    if cfg.pruning.target_shape is None or (shape := configured_shape(cfg.model)) is None:
         return []  # an unreadable model is reported by checkpoint_config
     problems = shapes.target_shape_problems(shape, cfg.pruning.target_shape, cfg.pruning.attention_mode)
     return [f"pruning.target_shape: {problem}" for problem in problems]
 
 
-def model_shape(model) -> ModelShape | None:
+def configured_shape(model) -> ModelShape | None:
     """The shape of `model.path`'s checkpoint (None if it does not load), or of the model built from the config."""
     if model.path is None:
         return ModelShape(vocab_size=model.vocab_size or 1, hidden_size=model.hidden_size, num_layers=model.num_layers,
@@ -109,7 +109,7 @@ def model_shape(model) -> ModelShape | None:
                           head_dim=model.hidden_size // model.num_heads, intermediate_size=model.intermediate_size,
                           tie_word_embeddings=model.tie_word_embeddings, qkv_bias=model.model_type == "qwen2")
     try:
-        return ModelShape.from_config(AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code))
+        return model_io.model_shape(model.path, model.trust_remote_code)
     except (OSError, ValueError):
         return None
 

@@ -12,6 +12,7 @@ universal checkpoint) on another one with the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -22,13 +23,12 @@ import datasets
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from pipeline import dist, updates
+from pipeline.adapted import build_adapted_engine
 from pipeline.apt.adapters import (
     adapter_params,
-    grow_rank,
-    inject_adapters,
     named_adapters,
     plan_rank_growth,
     set_masks,
@@ -45,7 +45,6 @@ from pipeline.apt.compaction import (
 )
 from pipeline.apt.distill import distill_objective, freeze_adapters
 from pipeline.apt.masks import MaskSet, step_toward
-from pipeline.apt.salience import SalienceAccumulator
 from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.state import AptState
 from pipeline.checkpoints import LATEST, check_checkpoint
@@ -54,7 +53,7 @@ from pipeline.ds_config import load_ds_config, zero_stage
 from pipeline.engine import compact_engine, global_adapter_salience, grow_adapters, rebuild_engine
 from pipeline.export import write_compacted_base
 from pipeline.layout import RunLayout
-from pipeline.model_io import load_base_model
+from pipeline.model_io import model_shape
 from pipeline.resume import ResumePoint, keep_global_batch, latest_meta, resume_point, write_meta
 from pipeline.shape_choice import ShapeChoice, choose_shape, describe, final_remaining
 from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
@@ -62,7 +61,6 @@ from pipeline.teacher import DTYPES, SharedTeacher, load_teacher, materialize
 from pipeline.tracking import metric_logger
 from pipeline.training import (
     BatchOrder,
-    build_engine,
     evaluate,
     loss_scale,
     optimizer_factory,
@@ -100,10 +98,8 @@ class AptFinetuneRecipe:
     """One APT fine-tune: `setup`, then `train`, then `finish`; engine, config and state live on the instance."""
 
     def __init__(self, cfg: FinetuneConfig, run_dir: Path):
-        self.cfg, self.train_cfg = cfg, cfg.train  # train_cfg: grad_accum may change on an elastic resume
+        self.cfg = cfg  # its train section changes once, on an elastic resume (grad_accum keeps the global batch)
         self.layout = RunLayout(run_dir, cfg.model)
-        self.compactions: list[dict] = []
-        self.step_times: list[float] = []
         self.last_row: dict = {}
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -117,23 +113,16 @@ class AptFinetuneRecipe:
         seed_everything(self.cfg.run.seed)
         meta = latest_meta(checkpoints)
         if meta is not None:
-            self.train_cfg = keep_global_batch(self.train_cfg, self.world_size, meta)
+            self.cfg = dataclasses.replace(self.cfg, train=keep_global_batch(self.cfg.train, self.world_size, meta))
         resume_from = resume_point(checkpoints, meta, self.world_size)
         tokenizer = AutoTokenizer.from_pretrained(str(self.layout.tokenizer))
         self.splits = datasets.load_from_disk(str(self.layout.dataset)).with_format("torch")
-        self.ds_config = load_ds_config(self.cfg.deepspeed.config, self.train_cfg, self.world_size)
+        self.ds_config = load_ds_config(self.cfg.deepspeed.config, self.cfg.train, self.world_size)
 
-        model = self.load_model(len(tokenizer), meta)
-        growth_budget = self.cfg.apt.tuning_budget * adapter_params(list(named_adapters(model)))
-        self.state = AptState.start(self.shape, growth_budget)
-        if resume_from is None:
-            self.engine = build_engine(model, self.ds_config, self.train_cfg)
-        else:
-            self.engine = self.resume(model, resume_from)  # replaces the state with the checkpoint's
-        set_masks(self.engine.module, self.state.masks)
+        self.build(len(tokenizer), meta, resume_from)
         self.teacher = self.resumed_teacher()
 
-        train = self.train_cfg
+        train = self.cfg.train
         self.batches = BatchOrder(len(self.splits["train"]), train.micro_batch_size, train.grad_accum,
                                   self.world_size, self.rank, self.cfg.run.seed)
         self.metrics = metric_logger(self.layout.finetune)
@@ -144,28 +133,32 @@ class AptFinetuneRecipe:
         seq_len = self.splits["train"][0]["input_ids"].numel()
         self.tokens_per_step = train.micro_batch_size * train.grad_accum * self.world_size * seq_len
 
-    def load_model(self, vocab_size: int, meta: dict | None):
-        """The base a resume continues on (the last compacted one, if any), with adapters and salience hooks."""
+    def build(self, vocab_size: int, meta: dict | None, resume_from: ResumePoint | None) -> None:
+        """Engine, shapes and APT state: fresh, or the checkpoint's on the base it was written on (the last
+        compacted one, if any), adapters grown to its ranks before its weights load."""
         compacted = self.layout.finetune / meta["base_model"] if meta is not None and meta.get("base_model") else None
-        # In the training dtype: ZeRO-1/2 replicate the base on every rank, and DeepSpeed would cast it anyway.
-        model = load_base_model(self.cfg.model, vocab_size, self.ds_config, self.layout.run_dir, self.cfg.run.seed,
-                                directory=compacted, dtype=DTYPES[self.train_cfg.precision])
-        self.shape = ModelShape.from_config(model.config)  # the training model's; smaller after compaction
-        self.original_shape = self.shape if compacted is None else ModelShape.from_config(AutoConfig.from_pretrained(
-            str(self.layout.base_model), trust_remote_code=self.cfg.model.trust_remote_code))
-        apt = self.cfg.apt
-        inject_adapters(model, targets=apt.adapter_targets, rank=apt.rank, alpha=apt.alpha, dropout=apt.dropout,
-                        generator=torch.Generator().manual_seed(self.cfg.run.seed))
-        self.salience = SalienceAccumulator(self.shape, device=self.device)  # the hooks add without a copy
-        self.salience.attach(model)
-        return model
+        ds_config = self.ds_config if resume_from is None else {
+            **self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}),
+                                             "load_universal": resume_from.universal}}
+        built = build_adapted_engine(self.cfg, self.layout, compacted or self.layout.base_model, ds_config,
+                                     vocab_size, dropout=self.cfg.apt.dropout,
+                                     adapter_ranks=None if resume_from is None else resume_from.meta["adapter_ranks"])
+        self.engine, self.shape, self.salience = built.engine, built.shape, built.salience
+        self.original_shape = self.shape if compacted is None else model_shape(self.layout.base_model,
+                                                                                self.cfg.model.trust_remote_code)
+        if resume_from is None:
+            growth_budget = self.cfg.apt.tuning_budget * adapter_params(list(named_adapters(self.engine.module)))
+            self.state = AptState.start(self.shape, growth_budget)
+        else:
+            self.resume(resume_from)
+        set_masks(self.engine.module, self.state.masks)
 
     def resumed_teacher(self):
         """The distillation teacher a checkpoint had: its own model after a compaction, else the shared one."""
         state = self.state
         if state.teacher_model is not None:
-            return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model, self.layout.run_dir,
-                                self.cfg.run.seed, DTYPES[self.train_cfg.precision], self.device)
+            return load_teacher(self.cfg.model, self.layout.finetune / state.teacher_model,
+                                DTYPES[self.cfg.train.precision], self.device)
         if state.teacher is None:
             return None
         # A checkpoint's tensors come back on the CPU.
@@ -176,7 +169,7 @@ class AptFinetuneRecipe:
 
     def train(self) -> None:
         """Step, grow, prune, compact, log, checkpoint: until `train.steps`."""
-        train = self.train_cfg
+        train = self.cfg.train
         progress = tqdm(total=train.steps, initial=self.state.step, desc="finetune", disable=not dist.is_main())
         while self.state.step < train.steps:
             started = time.perf_counter()
@@ -184,7 +177,7 @@ class AptFinetuneRecipe:
             if step.adapter_scores is not None:
                 self.grow(step.adapter_scores)
             rho = self.prune_update()
-            self.step_times.append(time.perf_counter() - started)
+            self.state.record_step_time(time.perf_counter() - started)
             self.compact()
             self.log_step(step, rho)
             progress.update(1)
@@ -196,10 +189,10 @@ class AptFinetuneRecipe:
 
     def train_step(self) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches; a step with an inf/NaN loss is dropped on every rank."""
-        apt, state, accum = self.cfg.apt, self.state, self.train_cfg.grad_accum
+        apt, state, accum = self.cfg.apt, self.state, self.cfg.train.grad_accum
         # No growth on the last step: ranks added there would never train, and the rebuild costs time.
         next_step = state.step + 1
-        grow_now = apt.grow_every > 0 and next_step % apt.grow_every == 0 and next_step < self.train_cfg.steps
+        grow_now = apt.grow_every > 0 and next_step % apt.grow_every == 0 and next_step < self.cfg.train.steps
         if apt.distill and state.teacher is None and state.step >= self.cfg.pruning.start_step:
             state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param,  # collective
                                             device=self.device)
@@ -252,7 +245,7 @@ class AptFinetuneRecipe:
 
     def skip_step(self, bad_ranks: list[int]) -> None:
         """Drop this step if train.nonfinite and max_skipped_steps allow it; raise NonFiniteLoss otherwise."""
-        train, state = self.train_cfg, self.state
+        train, state = self.cfg.train, self.state
         where = f"step {state.step + 1}: the loss is inf/NaN on rank(s) {bad_ranks}"
         if train.nonfinite == "stop":
             raise NonFiniteLoss(f"{where}; stopping (train.nonfinite=stop). The last checkpoint is intact; set "
@@ -274,7 +267,7 @@ class AptFinetuneRecipe:
             return
         log.info("rank growth: %d adapters grow by %d ranks in all", len(plan), sum(plan.values()))
         generator = torch.Generator().manual_seed(self.cfg.run.seed + self.state.step)  # same new rows on every rank
-        self.engine = rebuild_engine(self.engine, self.ds_config, optimizer_factory(self.train_cfg),
+        self.engine = rebuild_engine(self.engine, self.ds_config, optimizer_factory(self.cfg.train),
                                      reshape=lambda model: grow_adapters(model, plan, generator))
 
     def prune_update(self) -> float:
@@ -284,7 +277,7 @@ class AptFinetuneRecipe:
                                  final=final_remaining(pruning, self.original_shape))
         if updates.in_update_window(state.step, pruning):
             budget = physical_fraction(rho, self.original_shape, self.shape)
-            state.ema, state.target, shapes, choice = updates.salience_update(
+            shapes, choice = updates.salience_update(
                 self.salience, state, self.shape, budget, self.cfg.apt, pruning, measure=self.measure_shapes)
             if dist.is_main():
                 updates.save_update(self.layout.updates, state)
@@ -311,9 +304,9 @@ class AptFinetuneRecipe:
                                min_fraction=pruning.compact_min_fraction) if pruning.compact else None
         if plan is not None:
             self.cut(plan)
-            self.compactions.append({"step": self.state.step, "params_before": total_params(plan.before),
-                                     "params_after": total_params(plan.after),
-                                     "step_time_before": sum(self.step_times[-3:]) / len(self.step_times[-3:])})
+            self.state.compactions.append({"step": self.state.step, "params_before": total_params(plan.before),
+                                           "params_after": total_params(plan.after),
+                                           "step_time_before": self.state.mean_step_time()})
         self.time_compaction()
 
     def cut(self, plan: CompactionPlan) -> None:
@@ -321,7 +314,7 @@ class AptFinetuneRecipe:
         started, state = time.perf_counter(), self.state
         if isinstance(self.teacher, SharedTeacher):  # the cut would take blocks out of the teacher too
             self.keep_teacher()
-        self.engine = compact_engine(self.engine, plan, self.ds_config, optimizer_factory(self.train_cfg))
+        self.engine = compact_engine(self.engine, plan, self.ds_config, optimizer_factory(self.cfg.train))
         state.masks, state.target = slice_masks(state.masks, plan), slice_masks(state.target, plan)
         state.ema = None if state.ema is None else slice_scores(state.ema, plan)
         compacted = compact_accumulator(self.salience, plan)
@@ -345,19 +338,19 @@ class AptFinetuneRecipe:
         started, state = time.perf_counter(), self.state
         state.teacher_model = "teacher"
         self.teacher = materialize(self.teacher, self.cfg.model, self.layout.base_model,
-                                   self.layout.finetune / state.teacher_model, self.layout.run_dir,
-                                   self.cfg.run.seed, self.cfg.apt.alpha / self.cfg.apt.rank,
-                                   DTYPES[self.train_cfg.precision], self.device)
+                                   self.layout.finetune / state.teacher_model, self.cfg.apt.alpha / self.cfg.apt.rank,
+                                   DTYPES[self.cfg.train.precision], self.device)
         log.info("distillation teacher written to %s before the first compaction (%.1fs)",
                  self.layout.finetune / state.teacher_model, time.perf_counter() - started)
 
     def time_compaction(self) -> None:
         """Fill in the step time after the latest compaction: steps 2-4 after it (the first warms the new engine)."""
-        if not self.compactions or "step_time_after" in self.compactions[-1]:
+        compactions = self.state.compactions
+        if not compactions or "step_time_after" in compactions[-1]:
             return
-        event = self.compactions[-1]
+        event = compactions[-1]
         if self.state.step - event["step"] == 4:
-            event["step_time_after"] = sum(self.step_times[-3:]) / 3
+            event["step_time_after"] = self.state.mean_step_time()
             log.info("step time %.3fs before the step-%d compaction, %.3fs after (%.2fx)", event["step_time_before"],
                      event["step"], event["step_time_after"], event["step_time_after"] / event["step_time_before"])
 
@@ -365,13 +358,13 @@ class AptFinetuneRecipe:
 
     def log_step(self, step: StepResult, rho: float) -> None:
         """One metrics row: losses (absent on a skipped step), LR, sizes, throughput."""
-        accum, total, kept = self.train_cfg.grad_accum, total_params(self.original_shape), kept_sizes(self.state.masks)
+        accum, total, kept = self.cfg.train.grad_accum, total_params(self.original_shape), kept_sizes(self.state.masks)
         losses = {} if step.skipped else {"loss": step.loss_sum / accum, "objective": step.objective_sum / accum}
         self.last_row = {**losses, "lr": self.engine.get_lr()[0], "remaining_target": rho,
                          "adapter_params": adapter_params(list(named_adapters(self.engine.module))),
                          "remaining": remaining_params(self.shape, kept) / total, "kept_hidden": kept.hidden,
                          "kept_heads": sum(kept.heads), "kept_neurons": sum(kept.neurons),
-                         "tokens_per_s": self.tokens_per_step / self.step_times[-1],
+                         "tokens_per_s": self.tokens_per_step / self.state.step_times[-1],
                          "skipped_steps": self.state.skipped_steps, "overflow_steps": self.state.overflow_steps,
                          "model_params": total_params(self.shape) / total}
         self.metrics.log_metrics(self.last_row, step=self.state.step)
@@ -382,7 +375,7 @@ class AptFinetuneRecipe:
         DeepSpeed's rank 0 would write `latest` as soon as its own files are done; here it is written (atomically)
         after DeepSpeed's closing barrier, so it never names a tag whose other ranks' files are still being written.
         """
-        checkpoints, tag, train = self.layout.checkpoints, f"step{self.state.step}", self.train_cfg
+        checkpoints, tag, train = self.layout.checkpoints, f"step{self.state.step}", self.cfg.train
         if dist.is_main():
             write_meta(checkpoints, tag, {
                 "adapter_ranks": {name: adapter.rank for name, adapter in named_adapters(self.engine.module)},
@@ -401,14 +394,10 @@ class AptFinetuneRecipe:
         if dist.is_main():
             write_atomic(checkpoints / LATEST, tag)
 
-    def resume(self, model, point: ResumePoint):
-        """The engine with the checkpoint's adapters, optimizer and APT state loaded; RNG restored."""
-        regrow(model, point.meta["adapter_ranks"], self.cfg.run.seed)  # grown adapters exist before they load
-        load_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}),
-                                                        "load_universal": point.universal}}
-        engine = build_engine(model, load_config, self.train_cfg)
+    def resume(self, point: ResumePoint) -> None:
+        """The checkpoint's adapters, optimizer and APT state into the engine; RNG restored."""
         checkpoints = self.layout.checkpoints
-        _, client = engine.load_checkpoint(str(checkpoints), tag=point.load_tag, load_module_strict=False)
+        _, client = self.engine.load_checkpoint(str(checkpoints), tag=point.load_tag, load_module_strict=False)
         if client is None:
             raise RuntimeError(f"{checkpoints / point.load_tag}: the checkpoint could not be loaded; "
                                f"delete {checkpoints} to start this stage over")
@@ -417,11 +406,10 @@ class AptFinetuneRecipe:
         self.state = AptState.from_checkpoint(client)
         log.info("resumed from %s at step %d%s", point.tag, self.state.step,
                  f" (written by {point.meta['world_size']} ranks, via {point.load_tag})" if point.universal else "")
-        return engine
 
     def finish(self) -> dict:
         """Validation loss, the final adapters and APT state for the later stages; the stage's summary."""
-        train, pruning, state = self.train_cfg, self.cfg.pruning, self.state
+        train, pruning, state = self.cfg.train, self.cfg.pruning, self.state
         val_loss = evaluate(self.engine, self.splits["validation"], train.micro_batch_size, train.eval_batches,
                             self.world_size, self.rank)
         self.salience.detach()
@@ -434,7 +422,7 @@ class AptFinetuneRecipe:
                    "zero_stage": zero_stage(self.ds_config), "precision": train.precision,
                    "world_size": self.world_size, "skipped_steps": state.skipped_steps,
                    "overflow_steps": state.overflow_steps,
-                   "compactions": self.compactions}
+                   "compactions": state.compactions}
         adapters = trainable_fp32(self.engine)  # every rank takes part: under ZeRO-3 this gathers partitions
         if dist.is_main():
             save_tensors(state.final_tensors(), self.layout.apt_state)
@@ -461,14 +449,6 @@ def log_choice(step: int, shape: ModelShape, shapes: list, choice: ShapeChoice |
 def per_layer(sizes: list[int]):
     """One number when every layer has it, else the list."""
     return sizes[0] if len(set(sizes)) == 1 else sizes
-
-
-def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:
-    """Grow a fresh model's adapters to the ranks a checkpoint was saved with (its values overwrite them)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, adapter in named_adapters(model):
-        if adapter_ranks[name] > adapter.rank:
-            grow_rank(adapter, adapter_ranks[name] - adapter.rank, generator)
 
 
 def resumable_write_failure(error: BaseException, checkpoints: Path, tag: str) -> WriteFailed | None:

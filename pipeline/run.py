@@ -95,23 +95,32 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
 
 def run_stages(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None) -> None:
     """Every stage that is not done, in order, each tracked in the run's MLflow run; then the run's summary."""
-    rerun_rest = False
     with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
-        for stage in STAGES:
-            rerun_rest = rerun_rest or stage.name == from_stage
-            if not rerun_rest and is_done(run_dir / stage.name, expected_fingerprint(stage, cfg, run_dir),
-                                          stage.outputs):
+        for stage, stage_cfg, runs in plan_stages(cfg, run_dir, from_stage):
+            if not runs:
                 log.info("%-9s done, skipped", stage.name)
                 tracking.record_skipped(mlflow_run, run_dir / stage.name)
                 continue
-            rerun_rest = True  # what comes after a re-run stage consumed its old outputs
             with tracking.tracked_stage(mlflow_run, run_dir / stage.name):
-                run_stage(stage, cfg, run_dir)
+                run_stage(stage, stage_cfg, run_dir)
         export = RunLayout(run_dir).export
         mlflow_run.set_tag("export_path", str(export.resolve()))
     summary = run_summary(run_dir, cfg.model.path or "a model built from the model section")
     log.info("%s", summary or f"done: the pruned model is in {export} (loads with "
              f"AutoModelForCausalLM.from_pretrained)")
+
+
+def plan_stages(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None = None,
+                configs: dict[str, config_lib.RunConfig] | None = None):
+    """Each stage in order as (stage, its config, whether it runs): a stage runs when it is not done with this config
+    (or is `from_stage`), and so does every stage after it, which consumed its old outputs. `configs` gives some
+    stages a config of their own. Lazy: run a stage before asking for the next, whose fingerprint reads its inputs."""
+    runs = False
+    for stage in STAGES:
+        stage_cfg = (configs or {}).get(stage.name, cfg)
+        runs = runs or stage.name == from_stage or not is_done(
+            run_dir / stage.name, expected_fingerprint(stage, stage_cfg, run_dir), stage.outputs)
+        yield stage, stage_cfg, runs
 
 
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:

@@ -12,14 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from pipeline import dist
-from pipeline.apt.blocks import ModelShape
 from pipeline.apt.distill import TeacherAdapters, teacher_mode
 from pipeline.apt.masks import MaskSet
 from pipeline.export import export_pruned
-from pipeline.model_io import load_base_model
+from pipeline.model_io import load_base_model, model_shape
 from pipeline.stage import save_tensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,30 +60,29 @@ def write_teacher(adapters: TeacherAdapters, base_dir: Path, out_dir: Path, scal
     for name, (lora_a, lora_b) in adapters.items():
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = lora_a.float(), lora_b.float()
     save_tensors(tensors, adapters_file)
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code))
+    shape = model_shape(base_dir, trust_remote_code)
     export_pruned(base_dir=base_dir, adapters_path=adapters_file, masks=MaskSet.ones(shape), scaling=scaling,
                   dtype=dtype, out_dir=out_dir, trust_remote_code=trust_remote_code)
     adapters_file.unlink()
 
 
-def load_teacher(model_cfg, directory: Path, run_dir: Path, seed: int, dtype: torch.dtype,
-                 device: torch.device) -> FrozenTeacher:
+def load_teacher(model_cfg, directory: Path, dtype: torch.dtype, device: torch.device) -> FrozenTeacher:
     """The written teacher, frozen and whole on every rank's `device`, in the training dtype (every rank calls this).
 
     A plain module, not partitioned under ZeRO-3 (that would need a second, optimizer-less engine): it costs one bf16
     copy of the base per rank, which `apt-pipeline plan` shows as "+ teacher".
     """
     # {}: no ZeRO-3 partitioning; read in the training dtype directly, not through a whole fp32 copy.
-    model = load_base_model(model_cfg, 0, {}, run_dir, seed, directory=directory, dtype=dtype)
+    model = load_base_model(directory, model_cfg, {}, dtype)
     model.requires_grad_(False)
     return FrozenTeacher(model.to(device).eval())
 
 
-def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, run_dir: Path, seed: int,
-                scaling: float, dtype: torch.dtype, device: torch.device) -> FrozenTeacher:
+def materialize(shared: SharedTeacher, model_cfg, base_dir: Path, out_dir: Path, scaling: float, dtype: torch.dtype,
+                device: torch.device) -> FrozenTeacher:
     """Turn the shared teacher into its own model before a compaction cuts the backbone (collective)."""
     if dist.is_main():
         write_teacher(shared.adapters, base_dir, out_dir, scaling, dtype, model_cfg.trust_remote_code)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank reads what rank 0 wrote
-    return load_teacher(model_cfg, out_dir, run_dir, seed, dtype, device)
+    return load_teacher(model_cfg, out_dir, dtype, device)

@@ -31,7 +31,8 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
     """One all-reduce of every rank's sums and mask checksum; then EMA and the target search, same on all ranks.
 
     `measure` scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
-    `pruning.shape_search=measured`. Returns (EMA, target masks, candidate shapes, the choice or None)."""
+    `pruning.shape_search=measured`. Sets `state.ema` and `state.target`; returns (candidate shapes, the choice or
+    None) for the log."""
     world_size, rank = dist.world_size(), dist.rank()
     packed = salience.pack()  # on the accumulator's device: the ranks' sums never leave it before the reduce
     checksums = torch.zeros(world_size, dtype=torch.float64, device=packed.device)
@@ -44,10 +45,10 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
         raise RuntimeError(f"step {state.step}: ranks {disagree} hold other masks than rank 0; "
                            f"the ranks have diverged (non-deterministic search or corrupted state)")
     # The EMA and the masks are the run's small host-side state (checkpointed, searched on the CPU).
-    ema = ema_update(state.ema, salience.scores().to("cpu"), apt.salience_momentum)
+    state.ema = ema_update(state.ema, salience.scores().to("cpu"), apt.salience_momentum)
     salience.reset()
-    target, shapes, choice = search_target(shape, ema, rho, pruning, measure=measure)
-    return ema, target, shapes, choice
+    state.target, shapes, choice = search_target(shape, state.ema, rho, pruning, measure=measure)
+    return shapes, choice
 
 
 def save_update(folder: Path, state: AptState) -> None:

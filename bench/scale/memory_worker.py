@@ -60,7 +60,7 @@ def main() -> None:
     train = TrainSection(steps=args.steps, micro_batch_size=args.micro_batch, precision="bf16", lr=1e-4,
                          warmup_steps=0)
     ds_config = load_ds_config(args.ds_config, train, dist.world_size())
-    model = load_base_model(ModelSection(path=str(args.model)), 0, ds_config, args.model, 0, directory=args.model)
+    model = load_base_model(args.model, ModelSection(path=str(args.model)), ds_config)
     phases = {"loaded": read_status(os.getpid())}
     prepare(model, args.variant)
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()

@@ -7,7 +7,7 @@ per-rank peak of the finetune is set against `apt-pipeline plan --cpu`. Then APT
 side by side (same ZeRO-3 config, ranks, batch and sequence) on the largest model full fine-tuning fits here.
 
     .venv/bin/python -m bench.scale.run_scale            # the recorded run (bench/RESULTS.md has its command)
-    .venv/bin/python -m bench.scale.run_scale --quick    # a small model: checks the script runs (~3 min)
+    .venv/bin/python -m bench.scale.run_scale --quick    # a small model: checks the script runs (~2 min)
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ class Shape:
 
 PROBE_LAYERS = 2
 """Full fine-tuning is first measured at this depth, to learn its bytes per parameter here."""
-QUICK = Shape(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=688, vocab=32000)
+QUICK = Shape(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=688, vocab=512)
+"""--quick checks that the script runs (tests/e2e/test_scale_bench.py): the tokenizer's vocabulary, not 32000 rows
+of embeddings no token reaches."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import config as config_lib
 from pipeline import preflight
-from pipeline.run import STAGES, expected_fingerprint, run_stage, stage_by_name
+from pipeline.run import expected_fingerprint, plan_stages, run_stage, stage_by_name
 from pipeline.stage import is_done, write_atomic
 
 CORPUS = "data/python-docs.jsonl"
@@ -118,11 +118,7 @@ def run_apt(cfg: config_lib.RunConfig, split_cfg: config_lib.RunConfig | None = 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
-    rerun = False
-    for stage in STAGES:
-        stage_cfg = split_cfg if stage.name == "prep" and split_cfg is not None else cfg
-        if not rerun and is_done(run_dir / stage.name, expected_fingerprint(stage, stage_cfg, run_dir)):
-            continue
-        rerun = True  # what comes after a re-run stage consumed its old outputs
-        run_stage(stage, stage_cfg, run_dir)
+    for stage, stage_cfg, runs in plan_stages(cfg, run_dir, configs={"prep": split_cfg} if split_cfg else None):
+        if runs:
+            run_stage(stage, stage_cfg, run_dir)
     return run_dir / "merge" / "model"

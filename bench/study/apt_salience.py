@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig
 
 from pipeline import config as config_lib
 from pipeline.apt.blocks import ModelShape, params_per_hidden_channel, params_per_neuron, params_per_query_head
+from pipeline.model_io import model_shape
 
 BLOCKS = ("head", "neuron", "hidden")
 
@@ -40,8 +40,8 @@ def densities(shape: ModelShape, tensors: dict[str, torch.Tensor]) -> dict[str, 
 
 def table(run_dir: Path) -> str:
     """One markdown row per update: kept sizes of its target masks, and min / median / max density per type."""
-    model_path = config_lib.load(run_dir / "config.yaml").model.path
-    base = ModelShape.from_config(AutoConfig.from_pretrained(model_path))
+    model = config_lib.load(run_dir / "config.yaml").model
+    base = model_shape(model.path, model.trust_remote_code)
     lines = ["| step | kept hidden / heads / neurons per layer | query head: min / median / max | "
              "MLP neuron: min / median / max | hidden channel: min / median / max |",
              "|---:|---|---|---|---|"]

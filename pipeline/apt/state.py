@@ -6,7 +6,7 @@ checkpoint, `final_tensors` for the safetensors file later stages read.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -16,6 +16,7 @@ from pipeline.apt.salience import SalienceScores
 
 PREFIX = "apt_"
 """Client-state keys are `apt_<field>`: DeepSpeed's own keys never collide with them."""
+STEP_TIMES_KEPT = 3
 
 
 @dataclass
@@ -40,11 +41,21 @@ class AptState:
     """After a compaction: the compacted base's folder inside finetune/ (masks, EMA, adapters follow its shape)."""
     teacher_model: str | None = None
     """With distillation, once the backbone was first compacted: the frozen teacher model's folder inside finetune/."""
+    compactions: list[dict] = field(default_factory=list)
+    """Each compaction so far: step, parameters before and after, step time before and (4 steps on) after."""
+    step_times: list[float] = field(default_factory=list)
+    """The wall times of the last `STEP_TIMES_KEPT` steps, for throughput and the compactions' before/after."""
 
     @classmethod
     def start(cls, shape: ModelShape, growth_budget: float) -> AptState:
         """Step 0: every block kept, no salience seen yet."""
         return cls(masks=MaskSet.ones(shape), target=MaskSet.ones(shape), growth_budget=growth_budget)
+
+    def record_step_time(self, seconds: float) -> None:
+        self.step_times = [*self.step_times, seconds][-STEP_TIMES_KEPT:]
+
+    def mean_step_time(self) -> float:
+        return sum(self.step_times) / len(self.step_times)
 
     def to_checkpoint(self) -> dict:
         """`apt_<field>` -> plain value (tensors, dicts of tensors, numbers), for DeepSpeed's client state."""

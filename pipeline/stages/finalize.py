@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
-from transformers import AutoConfig
 
 from pipeline import dist
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
@@ -26,6 +25,7 @@ from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.config import FinalizeConfig
 from pipeline.layout import RunLayout, finetune_masks, salience_scores
+from pipeline.model_io import model_shape
 from pipeline.shape_choice import SHAPE_MASKS, final_remaining
 from pipeline.stage import save_tensors, write_atomic
 
@@ -41,9 +41,8 @@ log = dist.get_logger("apt.finalize")
 def run(cfg: FinalizeConfig, run_dir: Path) -> dict:
     pruning, layout = cfg.pruning, RunLayout(run_dir, cfg.model)
     # After a compaction the masks describe the compacted base; the budget is still the original model's.
-    original, shape = (ModelShape.from_config(AutoConfig.from_pretrained(
-        str(directory), trust_remote_code=cfg.model.trust_remote_code))
-        for directory in (layout.base_model, layout.tuned_base))
+    original, shape = (model_shape(directory, cfg.model.trust_remote_code)
+                       for directory in (layout.base_model, layout.tuned_base))
     target = final_remaining(pruning, original)
     trained = finetune_masks(layout)
     trained.check_gqa(shape, pruning.attention_mode)

@@ -15,21 +15,21 @@ from pathlib import Path
 import datasets
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from pipeline import dist
-from pipeline.apt.adapters import inject_adapters, set_masks
+from pipeline.adapted import build_adapted_engine
+from pipeline.apt.adapters import set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.compaction import physical_fraction
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
 from pipeline.layout import RunLayout, finetune_masks
-from pipeline.model_io import load_adapters, load_base_model
+from pipeline.model_io import model_shape
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
-from pipeline.teacher import DTYPES
-from pipeline.training import BatchOrder, build_engine, halve_loss_scale, loss_scale
+from pipeline.training import BatchOrder, halve_loss_scale, loss_scale
 
 Config = SalienceConfig
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -46,16 +46,10 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
     train_split = datasets.load_from_disk(str(layout.dataset / "train")).with_format("torch")
     ds_config = load_ds_config(cfg.deepspeed.config, cfg.train, world_size)
 
-    model = load_base_model(cfg.model, len(tokenizer), ds_config, run_dir, cfg.run.seed,
-                            directory=layout.tuned_base, dtype=DTYPES[cfg.train.precision])
-    shape = ModelShape.from_config(model.config)
-    inject_adapters(model, targets=cfg.apt.adapter_targets, rank=cfg.apt.rank, alpha=cfg.apt.alpha)
-    # Injected at the initial rank (so s = alpha / apt.rank, as in training and the merge), grown to the file's ranks.
-    load_adapters(model, layout.adapters, max_rank=cfg.apt.max_rank_multiplier * cfg.apt.rank)
-    set_masks(model, finetune_masks(layout))
-    accumulator = SalienceAccumulator(shape, device=dist.device())
-    accumulator.attach(model)
-    engine = build_engine(model, ds_config, cfg.train)  # backward only: the optimizer never steps
+    # Backward only: the optimizer never steps.
+    built = build_adapted_engine(cfg, layout, layout.tuned_base, ds_config, len(tokenizer), adapters=layout.adapters,
+                                 masks=finetune_masks(layout))
+    engine, shape, accumulator = built.engine, built.shape, built.salience
 
     batches = BatchOrder(len(train_split), cfg.train.micro_batch_size, 1, world_size, rank,
                          cfg.run.seed + CALIBRATION_SEED_OFFSET)
@@ -116,8 +110,7 @@ def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: Mo
     pruning = cfg.pruning
     if pruning.shape_search == "global" and pruning.target_shape is None:
         return
-    original = ModelShape.from_config(AutoConfig.from_pretrained(str(layout.base_model),
-                                                                 trust_remote_code=cfg.model.trust_remote_code))
+    original = model_shape(layout.base_model, cfg.model.trust_remote_code)
     budget = physical_fraction(final_remaining(pruning, original), original, shape)
     trained = finetune_masks(layout)
     held_out = [batch_at(cfg.salience.batches + index) for index in range(pruning.shape_batches)]

@@ -43,7 +43,7 @@ def test_adapter_rows_keep_the_numbers_a_seeded_cpu_draw_gives():
 
 
 def test_a_resumed_run_regrows_its_adapters_on_the_device(strict):
-    from pipeline.recipe import regrow
+    from pipeline.adapted import regrow
 
     model = tiny_llama(rank=4).to(ACCELERATOR)
     ranks = {name: 6 for name, _ in named_adapters(model)}
@@ -166,37 +166,37 @@ def test_a_training_step_and_a_pruning_update_run_on_the_device(accelerator, str
     assert set(accelerator.devices) == {ACCELERATOR} and len(accelerator.devices) >= 2  # the losses, the update
 
 
-def test_the_recipe_puts_its_salience_accumulator_on_the_device(accelerator, strict, tiny_config, tmp_path,
-                                                               monkeypatch):
+def built(tiny_config, tmp_path, monkeypatch, *overrides, device=ACCELERATOR, ds_config=None):
+    """`build_adapted_engine` for a fresh run, the base built from the config, the engine a stand-in on `device`;
+    returns (what it built, the dtypes the base was asked for)."""
     from transformers import LlamaForCausalLM
 
-    from pipeline import recipe as recipe_module
+    from pipeline import adapted
+    from pipeline.layout import RunLayout
 
-    plain = LlamaForCausalLM(tiny_llama().config).to(ACCELERATOR)
-    monkeypatch.setattr(recipe_module, "load_base_model", lambda *args, **kwargs: plain)
-    recipe = bare_recipe(tiny_config, tmp_path, StandInEngine(tiny_llama()))
-    recipe.ds_config = {}
-    recipe.load_model(vocab_size=128, meta=None)
-    assert recipe.salience.pack().device == ACCELERATOR
+    dtypes = []
+
+    def build(model_cfg, directory, vocab_size, ds_config, seed, dtype=None):
+        dtypes.append(dtype)
+        return LlamaForCausalLM(tiny_llama().config).to(device)  # a base without adapters, where the rank has it
+
+    monkeypatch.setattr(adapted, "original_base", build)
+    monkeypatch.setattr(adapted, "build_engine", lambda model, ds_config, train: StandInEngine(model, device=device))
+    cfg = tiny_config(*overrides).select(FinetuneConfig)
+    layout = RunLayout(tmp_path / "run", cfg.model)
+    return adapted.build_adapted_engine(cfg, layout, layout.base_model, ds_config or {}, 128), dtypes
+
+
+def test_the_builder_puts_its_salience_accumulator_on_the_device(accelerator, strict, tiny_config, tmp_path,
+                                                                monkeypatch):
+    adapted, _ = built(tiny_config, tmp_path, monkeypatch)
+    assert adapted.salience.pack().device == ACCELERATOR
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_zero2_ranks_read_the_base_in_the_training_dtype(tiny_config, tmp_path, monkeypatch, precision):
-    from transformers import LlamaForCausalLM
-
-    from pipeline import recipe as recipe_module
-
-    dtypes = []
-
-    def load(*args, dtype=None, **kwargs):
-        dtypes.append(dtype)
-        return LlamaForCausalLM(tiny_llama().config)
-
-    monkeypatch.setattr(recipe_module, "load_base_model", load)
-    recipe = bare_recipe(tiny_config, tmp_path, StandInEngine(tiny_llama(), device=torch.device("cpu")),
-                         f"train.precision={precision}")
-    recipe.ds_config = {"zero_optimization": {"stage": 2}}
-    recipe.load_model(vocab_size=128, meta=None)
+    _, dtypes = built(tiny_config, tmp_path, monkeypatch, f"train.precision={precision}",
+                      device=torch.device("cpu"), ds_config={"zero_optimization": {"stage": 2}})
     assert dtypes == [{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]]  # not a whole fp32 copy per rank
 
 
@@ -229,7 +229,7 @@ def test_the_teacher_model_is_loaded_onto_the_device(tmp_path):
     from pipeline.teacher import load_teacher
 
     tiny_llama(rank=0).save_pretrained(tmp_path / "teacher")
-    teacher = load_teacher(ModelSection(path=None), tmp_path / "teacher", tmp_path, 0, torch.bfloat16, ACCELERATOR)
+    teacher = load_teacher(ModelSection(path=None), tmp_path / "teacher", torch.bfloat16, ACCELERATOR)
     assert {(p.device, p.dtype) for p in teacher.model.parameters()} == {(ACCELERATOR, torch.bfloat16)}
 
 

@@ -2,8 +2,8 @@
 
 Both hosts are this machine (the `ssh_hosts` fixture: a real sshd, names in /etc/hosts), so the ranks still meet
 over TCP through the master address, and each rank starts in the login shell an ssh session gives it. Two hosts
-of one rank must end as one node of two ranks; a host lost mid-finetune must stop the job naming it, and the
-surviving host must finish it as if nothing had happened.
+of one rank must end as one node of two ranks (the session's `reference_run`); a host lost mid-finetune must stop
+the job naming it, and the surviving host must finish it as if nothing had happened.
 """
 
 import json
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chains import ENV, REFERENCE
 from safetensors.torch import load_file
 
 from pipeline.tracking import read_metric_rows
@@ -26,9 +27,6 @@ from harness import assert_same_finetune_outputs, free_port
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["data.num_proc=1", "data.seq_len=64", "train.steps=30", "pruning.end_step=20", "train.checkpoint_every=10",
-        "train.eval_batches=2", "train.precision=fp32", "export.dtype=float32"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two hosts share this machine's cores: one thread per rank
 FORWARDED = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
              "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
 """What the driver's environment must give ranks started over ssh (tests/conftest.py sets most of it)."""
@@ -41,7 +39,7 @@ def cli(verb, root, corpus, name, *placement) -> list[str]:
 
 
 def overrides(root, corpus, name, *more) -> list[str]:
-    return [f"run.root={root}", f"run.name={name}", f"data.sources=[{corpus}]", *FAST, *more]
+    return [f"run.root={root}", f"run.name={name}", f"data.sources=[{corpus}]", *REFERENCE, *more]
 
 
 def on_hosts(hostfile, hosts, port, ranks_per_host) -> list[str]:
@@ -53,14 +51,6 @@ def succeeds(command, **env) -> str:
     result = subprocess.run(command, cwd=REPO, env={**ENV, **env}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory, small_corpus) -> Path:
-    """The reference: the whole pipeline on one node of two ranks (the local `deepspeed` launcher)."""
-    root = tmp_path_factory.mktemp("one_node")
-    succeeds(cli(["run"], root, small_corpus, "run", "deepspeed.num_gpus=2"))
-    return root / "run"
 
 
 def tensors(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
@@ -82,7 +72,8 @@ def rank_hosts(stage_dir: Path) -> dict[int, str]:
     return {record["rank"]: record["host"] for record in records}
 
 
-def test_two_hosts_through_the_pdsh_runner_equal_one_node_of_two_ranks(tmp_path, ssh_hosts, one_node, small_corpus):
+def test_two_hosts_through_the_pdsh_runner_equal_one_node_of_two_ranks(tmp_path, ssh_hosts, reference_run,
+                                                                        small_corpus):
     hostfile = ssh_hosts.hostfile(tmp_path / "hostfile", {"node-a": 1, "node-b": 1})
     # As a user starts it: launch/multi_node.sh, which runs `apt-pipeline run` with the deepspeed.* placement.
     script = ["launch/multi_node.sh", "--config", "tests/tiny.yaml", "--hostfile", str(hostfile), "--nodes", "2",
@@ -95,10 +86,10 @@ def test_two_hosts_through_the_pdsh_runner_equal_one_node_of_two_ranks(tmp_path,
     for stage in ("finetune", "salience"):
         assert json.loads((run_dir / stage / "manifest.json").read_text())["world_size"] == 2, stage
         assert rank_hosts(run_dir / stage) == {0: "node-a", 1: "node-b"}, stage  # each rank on its own host
-    assert_same_finetune_outputs(one_node, run_dir)
-    assert_same_tensors(tensors(one_node / "finalize", "masks.safetensors"),
+    assert_same_finetune_outputs(reference_run, run_dir)
+    assert_same_tensors(tensors(reference_run / "finalize", "masks.safetensors"),
                         tensors(run_dir / "finalize", "masks.safetensors"), atol=0)
-    assert_same_tensors(tensors(one_node / "merge" / "model", "*.safetensors"),
+    assert_same_tensors(tensors(reference_run / "merge" / "model", "*.safetensors"),
                         tensors(run_dir / "merge" / "model", "*.safetensors"), atol=1e-6)
 
 
@@ -122,10 +113,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {step: values["loss"] for step, _, values in rows if "loss" in values}
 
 
-def test_a_lost_host_stops_the_job_naming_it_and_the_survivor_resumes(tmp_path, ssh_hosts, one_node, small_corpus):
+def test_a_lost_host_stops_the_job_naming_it_and_the_survivor_resumes(tmp_path, ssh_hosts, reference_run, small_corpus):
     both = ssh_hosts.hostfile(tmp_path / "both", {"node-a": 1, "node-b": 1})
     run_dir = tmp_path / "run"
-    shutil.copytree(one_node / "prep", run_dir / "prep")  # the same data
+    shutil.copytree(reference_run / "prep", run_dir / "prep")  # the same data
     finetune = cli(["stage", "finetune"], tmp_path, small_corpus, "run", *on_hosts(both, 2, ssh_hosts.port, 1))
     proc = subprocess.Popen(finetune, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -156,8 +147,8 @@ def test_a_lost_host_stops_the_job_naming_it_and_the_survivor_resumes(tmp_path, 
     output = succeeds(cli(["stage", "finetune"], tmp_path, small_corpus, "run", *survivor_only))
     assert "--force_multi" in output and "resumed from step" in output  # over ssh to node-a, from the checkpoint
     assert rank_hosts(run_dir / "finetune") == {0: "node-a", 1: "node-a"}
-    expected, actual = losses(one_node), losses(run_dir)
+    expected, actual = losses(reference_run), losses(run_dir)
     assert sorted(actual) == list(range(1, 31))
     for step in actual:
         assert actual[step] == pytest.approx(expected[step], rel=1e-5), step
-    assert_same_finetune_outputs(one_node, run_dir, atol=1e-5)
+    assert_same_finetune_outputs(reference_run, run_dir, atol=1e-5)

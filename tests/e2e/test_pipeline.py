@@ -1,38 +1,43 @@
-"""The whole chain as a user runs it: `apt-pipeline run` on the tiny config with 2 CPU ranks."""
+"""The whole chain as a user runs it: `apt-pipeline run` on the tiny config with 2 CPU ranks (the session's
+`reference_run`), what each stage left, a rerun that skips, and a changed option that reruns only what it touches."""
 
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
+from chains import REFERENCE, apt_pipeline, assert_export_is_the_trained_model, grown_ranks
 
 from harness import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-
-def apt_pipeline(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+STAGES = ["prep", "finetune", "salience", "finalize", "merge", "eval"]
 
 
-def test_tiny_chain_end_to_end_and_rerun_skips(tmp_path, small_corpus):
-    overrides = [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]", "data.num_proc=1", "data.seq_len=64",
-                 f"deepspeed.master_port={free_port()}"]
-    apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides)
-    run_dir = tmp_path / "tiny"
-    stages = ["prep", "finetune", "salience", "finalize", "merge", "eval"]
-    for stage in stages:
-        assert (run_dir / stage / "manifest.json").is_file(), stage
-    report = json.loads((run_dir / "finalize" / "masks.json").read_text())
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+def test_every_stage_leaves_its_manifest_and_the_export_meets_the_budget(reference_run):
+    for stage in STAGES:
+        assert (reference_run / stage / "manifest.json").is_file(), stage
+    report = json.loads((reference_run / "finalize" / "masks.json").read_text())
+    metrics = json.loads((reference_run / "eval" / "metrics.json").read_text())
     assert metrics["pruned"]["params"] == report["remaining_params"]
     assert report["remaining_fraction"] <= 0.5
-    assert (run_dir / "finalize" / "masks.png").stat().st_size > 1000
+    assert (reference_run / "finalize" / "masks.png").stat().st_size > 1000
 
+
+def test_the_chain_reads_grown_adapters_and_the_export_equals_the_trained_model(reference_run):
+    """Issue 14: the salience stage injected adapters at `apt.rank` and refused the grown shapes."""
+    ranks = grown_ranks(reference_run)
+    assert max(ranks.values()) > 8 and min(ranks.values()) >= 8  # apt.rank 8, grown at steps 10 and 20
+    assert_export_is_the_trained_model(reference_run)
+
+
+def test_a_rerun_skips_every_stage_and_a_changed_option_reruns_only_what_it_touches(reference_run, small_corpus,
+                                                                                    tmp_path):
+    shutil.copytree(reference_run, tmp_path / "tiny", ignore=shutil.ignore_patterns("mlflow*", "mlartifacts"))
+    overrides = [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]", f"deepspeed.master_port={free_port()}",
+                 *REFERENCE]
     again = apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides)
-    assert all(f"{stage:<9} done, skipped" in again.stderr for stage in stages)
+    assert all(f"{stage:<9} done, skipped" in again.stderr for stage in STAGES)
 
-    changed = apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides, "export.dtype=float32")
+    changed = apt_pipeline("run", "--config", "tests/tiny.yaml", *overrides, "export.dtype=bfloat16")
     assert "merge     done, skipped" not in changed.stderr and "finalize  done, skipped" in changed.stderr

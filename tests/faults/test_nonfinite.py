@@ -26,9 +26,9 @@ def make_config(tmp_path, prep_dir, *overrides) -> config_lib.RunConfig:
 
 def finetune_with_poison(rank, world_size, cfg, poisoned_rank, poisoned_forwards):
     """Run finetune; on `poisoned_rank`, the training forwards numbered in `poisoned_forwards` produce NaN."""
-    from pipeline import recipe
+    from pipeline import adapted
 
-    load_base_model = recipe.load_base_model
+    original_base = adapted.original_base
     forwards = {"count": 0}
 
     def poison(module, args, output):
@@ -38,12 +38,12 @@ def finetune_with_poison(rank, world_size, cfg, poisoned_rank, poisoned_forwards
         return output * float("nan") if forwards["count"] in poisoned_forwards else None
 
     def load_and_poison(*args, **kwargs):
-        model = load_base_model(*args, **kwargs)
+        model = original_base(*args, **kwargs)
         if rank == poisoned_rank:
             model.model.layers[0].mlp.register_forward_hook(poison)
         return model
 
-    recipe.load_base_model = load_and_poison
+    adapted.original_base = load_and_poison
     driver.execute_stage(driver.stage_by_name("finetune"), cfg, cfg.run_dir)
 
 

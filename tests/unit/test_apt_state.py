@@ -16,7 +16,8 @@ def full_state(random_masks) -> AptState:
     return AptState(step=7, masks=random_masks(GQA, generator), target=random_masks(GQA, generator), ema=scores,
                     teacher={"model.layers.0.self_attn.q_proj": (torch.ones(4, 64), torch.zeros(64, 4))},
                     skipped_steps=2, growth_budget=123.0, alive=MaskSet.ones(GQA), base_model="compacted/step000007",
-                    teacher_model="teacher")
+                    teacher_model="teacher", step_times=[0.4, 0.5, 0.6],
+                    compactions=[{"step": 5, "params_before": 100, "params_after": 60, "step_time_before": 0.5}])
 
 
 def equal(a, b) -> bool:
@@ -47,3 +48,10 @@ def test_final_tensors_hold_masks_targets_ema_and_alive(random_masks):
     tensors = full_state(random_masks).final_tensors()
     assert {key.split(".")[0] for key in tensors} == {"masks", "target", "ema", "alive"}
     assert "masks.hidden_mask" in tensors and "ema.head" in tensors
+
+
+def test_only_the_last_step_times_are_kept():
+    state = AptState()
+    for seconds in (1.0, 2.0, 3.0, 4.0):
+        state.record_step_time(seconds)
+    assert state.step_times == [2.0, 3.0, 4.0] and state.mean_step_time() == 3.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
 from pathlib import Path
@@ -20,10 +21,21 @@ def markdown_files() -> list[Path]:
 
 
 def repo_files() -> list[Path]:
-    """Tracked files plus new ones git does not ignore (docs written but not committed yet)."""
+    """Tracked files plus new ones git does not ignore (docs written but not committed yet); in an unpacked
+    `git archive` (no .git), every file outside the folders .gitignore names."""
+    if not (ROOT / ".git").exists():
+        return [path for path in sorted(ROOT.rglob("*")) if path.is_file() and not ignored(path.relative_to(ROOT))]
     listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                              capture_output=True, check=True).stdout.decode()
     return [ROOT / name for name in sorted(set(listing.split("\0"))) if name and (ROOT / name).is_file()]
+
+
+def ignored(relative: Path) -> bool:
+    """Whether .gitignore's folder and glob patterns (the only kinds it has) leave `relative` out."""
+    patterns = [line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    return any(fnmatch.fnmatch(part, pattern) or fnmatch.fnmatch(str(relative), pattern)
+               for pattern in patterns for part in relative.parts)
 
 
 def anchors(markdown: str) -> set[str]:

@@ -11,6 +11,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from pipeline import cli, plan
 from pipeline import config as config_lib
 from pipeline.apt.blocks import total_params
+from pipeline.model_io import model_shape
 
 LLAMA2_7B = plan.BUILTIN_MODELS["llama-2-7b"]
 
@@ -93,7 +94,7 @@ def test_model_config_file_gives_the_builtin_shape(tmp_path):
               "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    assert plan.load_model_shape(tmp_path / "config.json") == plan.BUILTIN_MODELS["llama-3-8b"]
+    assert model_shape(tmp_path / "config.json") == plan.BUILTIN_MODELS["llama-3-8b"]
 
 
 def test_plan_command_prints_four_models_on_three_world_sizes(capsys):

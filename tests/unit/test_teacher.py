@@ -31,7 +31,7 @@ def test_written_teacher_computes_the_shared_teachers_outputs(tmp_path, tiny_mod
     shared = SharedTeacher(freeze_adapters(student))
     write_teacher(shared.adapters, tmp_path / "base", tmp_path / "teacher", scaling=8.0 / 4, dtype=torch.float32,
                   trust_remote_code=False)
-    frozen = load_teacher(BUILT_MODEL, tmp_path / "teacher", tmp_path, 0, torch.float32, torch.device("cpu"))
+    frozen = load_teacher(BUILT_MODEL, tmp_path / "teacher", torch.float32, torch.device("cpu"))
     assert not any(p.requires_grad for p in frozen.model.parameters())
 
     expected = shared.outputs(Plain(student), input_ids)

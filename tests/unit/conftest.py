@@ -105,7 +105,7 @@ def build_random_masks(
     return MaskSet(head_mask=head_mask, kv_mask=kv_mask, neuron_mask=neuron_mask, hidden_mask=hidden_mask)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model():
     """`build_tiny_model` (a factory, so each test picks the architecture)."""
     return build_tiny_model

@@ -17,18 +17,20 @@ from pipeline.export import export_pruned
 LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
     import json, sys
     import torch
-    if sys.argv[4] == "import-pipeline":
+    if sys.argv[2] == "import-pipeline":
         import pipeline  # registers the per-layer model type
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-    ids = torch.tensor(json.loads(sys.argv[2]))
-    with torch.no_grad():
-        logits = model(ids).logits
-    generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
-    assert ("pipeline" in sys.modules) == (sys.argv[4] == "import-pipeline")
-    torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
-                "generated": generated.shape[1], "model_type": model.config.model_type}, sys.argv[3])
+    for folder in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(folder + "/export", dtype=torch.float32).eval()
+        ids = torch.load(folder + "/input_ids.pt")
+        with torch.no_grad():
+            logits = model(ids).logits
+        generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+        assert ("pipeline" in sys.modules) == (sys.argv[2] == "import-pipeline")
+        torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
+                    "generated": generated.shape[1], "model_type": model.config.model_type}, folder + "/result.pt")
 """)
+"""Loads each folder's export in a fresh process that imports transformers (and the pipeline only when asked)."""
 
 CASES = {
     "llama-gqa-kv_group": dict(arch="llama", num_kv_heads=2, mode="kv_group"),
@@ -44,13 +46,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, tiny_model, input_ids):
+def export_case(case: str, folder, input_ids, tiny_model) -> dict:
+    """Export a 3-layer model of `case` with trained-looking adapters pruned to half; what the loader must see."""
     spec = dict(CASES[case])
     mode, layout = spec.pop("mode"), spec.pop("layout", "uniform")
     model = tiny_model(**spec, num_layers=3)
-    base_dir = tmp_path / "base"
-    model.save_pretrained(str(base_dir))
+    model.save_pretrained(str(folder / "base"))
     shape = ModelShape.from_config(model.config)
 
     inject_adapters(model, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], rank=4, alpha=8.0,
@@ -61,7 +62,7 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(adapters, str(tmp_path / "adapters.safetensors"))
+    save_file(adapters, str(folder / "adapters.safetensors"))
 
     scores = {"head": torch.rand(shape.num_layers, shape.num_heads, generator=generator),
               "neuron": torch.rand(shape.num_layers, shape.intermediate_size, generator=generator),
@@ -72,24 +73,42 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, tmp_path, t
     set_masks(model, masks)
     with torch.no_grad():
         expected = model(input_ids).logits
+    summary = export_pruned(base_dir=folder / "base", adapters_path=folder / "adapters.safetensors", masks=masks,
+                            scaling=8.0 / 4, dtype=torch.float32, out_dir=folder / "export")
+    torch.save(input_ids, folder / "input_ids.pt")
+    return {"expected": expected, "summary": summary, "shape": shape, "masks": masks, "layout": layout,
+            "arch": spec["arch"]}
 
-    out_dir = tmp_path / "export"
-    summary = export_pruned(base_dir=base_dir, adapters_path=tmp_path / "adapters.safetensors", masks=masks,
-                            scaling=8.0 / 4, dtype=torch.float32, out_dir=out_dir)
-    result_path = tmp_path / "result.pt"
-    loader = "import-pipeline" if layout == "per_layer" else "transformers-only"
-    subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, str(out_dir),
-                    json.dumps(input_ids.tolist()), str(result_path), loader], check=True)
-    result = torch.load(result_path, weights_only=True)
 
-    torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
-    assert result["params"] == summary["params"] == remaining_params(shape, kept_sizes(masks))
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model) -> dict[str, dict]:
+    """Every case exported, then loaded: one fresh process with transformers only for the uniform exports, one that
+    imports the pipeline for the per-layer ones (a process start costs seconds; eight would cost a minute)."""
+    input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    cases = {}
+    for case in CASES:
+        folder = tmp_path_factory.mktemp(case)
+        cases[case] = export_case(case, folder, input_ids, tiny_model) | {"folder": folder}
+    for loader, layout in (("transformers-only", "uniform"), ("import-pipeline", "per_layer")):
+        folders = [str(made["folder"]) for made in cases.values() if made["layout"] == layout]
+        subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, json.dumps(folders), loader], check=True)
+    for made in cases.values():
+        made["result"] = torch.load(made["folder"] / "result.pt", weights_only=True)
+    return cases
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_plain_transformers_with_masked_logits(case, exported):
+    made = exported[case]
+    result, summary, masks, layout = made["result"], made["summary"], made["masks"], made["layout"]
+    torch.testing.assert_close(result["logits"], made["expected"], rtol=0, atol=1e-5)
+    assert result["params"] == summary["params"] == remaining_params(made["shape"], kept_sizes(masks))
     assert result["generated"] == 4 + 5
     assert summary["per_layer"] == (layout == "per_layer")  # the scores above give unequal layers
     if layout == "per_layer":
         kept = kept_sizes(masks)
         assert len(set(kept.heads)) > 1 and len(set(kept.neurons)) > 1
-    assert result["model_type"] == (f"apt_{spec['arch']}" if layout == "per_layer" else spec["arch"])
+    assert result["model_type"] == (f"apt_{made['arch']}" if layout == "per_layer" else made["arch"])
 
 
 @pytest.fixture

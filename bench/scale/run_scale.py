@@ -60,9 +60,9 @@ class Shape:
 
 PROBE_LAYERS = 2
 """Full fine-tuning is first measured at this depth, to learn its bytes per parameter here."""
-QUICK = Shape(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=688, vocab=512)
+QUICK = Shape(hidden=512, layers=PROBE_LAYERS, heads=8, kv_heads=2, intermediate=1376, vocab=512)
 """--quick checks that the script runs (tests/e2e/test_scale_bench.py): the tokenizer's vocabulary, not 32000 rows
-of embeddings no token reaches."""
+of embeddings no token reaches, and the probe's depth, so the probe is also the full fine-tune measured."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,8 +246,10 @@ def compare_memory(args) -> dict:
     shape = dataclasses.replace(args.shape, layers=layers)
     model_dir = args.work / ("base" if layers == args.shape.layers else f"base-{layers}-layers")
     build_base(model_dir, shape)
-    variants = {variant: measure_variant(variant, model_dir, args, args.master_port + 2 + i)
-                for i, variant in enumerate(("apt", "full"))}
+    variants = {"apt": measure_variant("apt", model_dir, args, args.master_port + 2)}
+    # At the probe's depth the probe is that measurement: the same model (shape, seed), variant and ranks.
+    variants["full"] = probe if layers == PROBE_LAYERS else measure_variant("full", model_dir, args,
+                                                                          args.master_port + 3)
     peak = {variant: max(r["peak_hwm"] for r in ranks) for variant, ranks in variants.items()}
     runtime = max(r["runtime_rss"] for ranks in variants.values() for r in ranks)
     return {"layers": layers, "params": shape.params(), "cap_bytes": cap, "variants": variants,

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from pipeline import dist
@@ -112,6 +111,9 @@ def measured_masks(layout: RunLayout, shape: ModelShape, attention_mode: str) ->
 
 def plot_masks(shape: ModelShape, masks: MaskSet, path: Path) -> None:
     """Heat-map of the kept fraction per layer for query heads, KV heads and neurons, plus hidden."""
+    # Imported here: every rank and driver imports this module, and only finalize draws (matplotlib: ~0.5 s).
+    from matplotlib.figure import Figure
+
     kept = torch.stack([masks.head_mask.mean(1), masks.kv_mask.mean(1), masks.neuron_mask.mean(1),
                         masks.hidden_mask.mean().expand(shape.num_layers)], dim=1)
     figure = Figure(figsize=(4.5, 1.6 + 0.25 * shape.num_layers))  # no pyplot: no global state, no display

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from pipeline import dist
-from pipeline.apt.adapters import grow_rank, inject_adapters, named_adapters, set_masks
+from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceAccumulator
 from pipeline.layout import RunLayout
-from pipeline.model_io import load_adapters, load_base_model, original_base
+from pipeline.model_io import load_adapters, load_base_model, original_base, regrow
 from pipeline.teacher import DTYPES
 from pipeline.training import build_engine
 
@@ -58,11 +58,3 @@ def build_adapted_engine(cfg, layout: RunLayout, base: Path, ds_config: dict, vo
     salience = SalienceAccumulator(shape, device=dist.device())  # the hooks add without a copy
     salience.attach(model)
     return AdaptedEngine(build_engine(model, ds_config, cfg.train), shape, salience)
-
-
-def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:
-    """Grow a fresh model's adapters to the ranks a checkpoint was saved with (its values overwrite them)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, adapter in named_adapters(model):
-        if adapter_ranks[name] > adapter.rank:
-            grow_rank(adapter, adapter_ranks[name] - adapter.rank, generator)

@@ -93,9 +93,9 @@ def load_adapters(model, path: Path, max_rank: int | None = None) -> None:
     if unexpected or missing:
         raise ValueError(f"{path}: the adapters do not match the model (were apt.adapter_targets or apt.rank "
                          f"changed?): in the file only {unexpected[:3]}, in the model only {missing[:3]}")
-    generator = torch.Generator().manual_seed(0)  # the new rows are overwritten below; keep the global RNG as it is
+    file_ranks = {}
     for name, adapter in named_adapters(model):
-        file_rank = tensors[f"{name}.lora_A"].shape[0]
+        file_rank = file_ranks[name] = tensors[f"{name}.lora_A"].shape[0]
         if file_rank < adapter.rank:
             raise ValueError(f"{path}: {name}.lora_A has rank {file_rank}, below the injected rank {adapter.rank} "
                              f"(was apt.rank changed?); rerun the finetune stage")
@@ -103,8 +103,7 @@ def load_adapters(model, path: Path, max_rank: int | None = None) -> None:
             raise ValueError(f"{path}: {name}.lora_A has rank {file_rank}, above the most rank growth gives "
                              f"({max_rank} = apt.max_rank_multiplier × apt.rank; was apt.rank changed?); rerun the "
                              f"finetune stage")
-        if file_rank > adapter.rank:
-            grow_rank(adapter, file_rank - adapter.rank, generator)
+    regrow(model, file_ranks, seed=0)  # the new rows are overwritten below; the global RNG stays as it is
     params = dict(model.named_parameters())  # growth made new parameter objects
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -112,3 +111,12 @@ def load_adapters(model, path: Path, max_rank: int | None = None) -> None:
             if expected != tuple(tensor.shape):
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {expected}")
             params[name].copy_(tensor)
+
+
+def regrow(model, adapter_ranks: dict[str, int], seed: int) -> None:
+    """Grow an injected model's adapters to `adapter_ranks` (a checkpoint's or a file's; its values overwrite the
+    new rows), drawing the new rows from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, adapter in named_adapters(model):
+        if adapter_ranks[name] > adapter.rank:
+            grow_rank(adapter, adapter_ranks[name] - adapter.rank, generator)

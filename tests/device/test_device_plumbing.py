@@ -43,7 +43,7 @@ def test_adapter_rows_keep_the_numbers_a_seeded_cpu_draw_gives():
 
 
 def test_a_resumed_run_regrows_its_adapters_on_the_device(strict):
-    from pipeline.adapted import regrow
+    from pipeline.model_io import regrow
 
     model = tiny_llama(rank=4).to(ACCELERATOR)
     ranks = {name: 6 for name, _ in named_adapters(model)}

@@ -8,10 +8,8 @@ of a `.deepspeed_env` file. It also picks the master address by asking the first
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,9 +42,6 @@ def node_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
 def env_lines(env: dict[str, str]) -> list[str]:
     """`KEY=value` lines for the runner: the forwarded variables, the node's host name, then the user's own file."""
     chosen = {key: value for key, value in env.items() if key in FORWARDED or key.startswith(FORWARDED_PREFIXES)}
-    # Ranks run this interpreter by its full path; the tools beside it (ninja for DeepSpeed's op builds) need PATH.
-    path = [str(Path(sys.executable).parent), *env.get("PATH", "").split(os.pathsep)]
-    chosen["PATH"] = os.pathsep.join(dict.fromkeys(entry for entry in path if entry))
     lines = []
     for key, value in sorted(chosen.items()):
         if UNSAFE_VALUE.search(value):

@@ -208,8 +208,13 @@ def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
 
 
 def rank_environment(ranks_per_node: int) -> dict[str, str]:
-    """The launcher's environment: this one, plus thread and allocator settings for CPU ranks (a user's own win)."""
+    """The launcher's environment: this one, the interpreter's folder first on PATH, plus thread and allocator
+    settings for CPU ranks (a user's own win)."""
     env = os.environ.copy()
+    # The tools beside the interpreter come first, ninja above all: DeepSpeed builds its ops on first use, and two
+    # ninja versions (the venv's, the system's) on different ranks or nodes would rebuild them over each other.
+    path = [str(Path(sys.executable).parent), *env.get("PATH", "").split(os.pathsep)]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(entry for entry in path if entry))
     if on_cpu():  # CPU ranks share the cores; oversubscribed BLAS threads make steps erratic
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
         for name, value in CPU_RANK_ENV.items():

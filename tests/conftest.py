@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# Ranks forked from this process build DeepSpeed's ops with the ninja on PATH: the one the driver gives its ranks
+# (pipeline.run.rank_environment), or the two would rebuild the ops over each other.
+os.environ["PATH"] = os.pathsep.join(dict.fromkeys([str(Path(sys.executable).parent),
+                                                    *os.environ.get("PATH", "").split(os.pathsep)]))
 
 
 @pytest.fixture(scope="session", autouse=True)

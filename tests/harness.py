@@ -23,15 +23,27 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    import torch
+
+    # A forked child must not use the parent's OpenMP pool (libgomp's workers do not survive a fork); one thread
+    # per rank also keeps two ranks from oversubscribing the cores.
+    torch.set_num_threads(1)
+    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     fn(rank, world_size, *args)
 
 
 def spawn(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` fresh processes; raise if any fails."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    """Run fn(rank, world_size, *args) in `world_size` forked processes; raise if any fails.
+
+    Forked, not spawned: a rank starts with torch, transformers and DeepSpeed already imported (a spawned one spends
+    about ten seconds of a core importing them again) and leaves without the interpreter's teardown."""
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized(), "a forked rank would inherit this process's process group"
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
+                       start_method="fork")
 
 
 def assert_same_finetune_outputs(expected_run: Path, actual_run: Path, atol: float = 1e-6) -> None:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,10 @@ def test_cpu_ranks_get_thread_and_allocator_settings_unless_the_user_set_them(mo
     monkeypatch.setattr(driver, "on_cpu", lambda: False)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert "MALLOC_MMAP_THRESHOLD_" not in driver.rank_environment(ranks_per_node=2)  # GPU ranks: left alone
+
+
+def test_ranks_find_the_tools_beside_the_interpreter_first(monkeypatch):
+    """ninja above all: the venv's and the system's would rebuild DeepSpeed's ops over each other."""
+    here = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}{here}{os.pathsep}/bin")
+    assert driver.rank_environment(ranks_per_node=2)["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]

@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every later one")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
-    stage = commands.add_parser("stage", help="run one stage (its inputs must be done)",
-                                description="Run one stage and write its manifest, whether or not it is done.")
-    stage.add_argument("name", choices=[s.name for s in driver.STAGES])
+    stage = commands.add_parser("stage", help="run stages (their inputs must be done)",
+                                description="Run the named stages in order and write their manifests, whether or "
+                                            "not they are done; distributed ones named together share a launch.")
+    stage.add_argument("overrides", nargs="+", metavar="NAME [NAME ...] [section.key=value ...]",
+                       help=f"stages ({', '.join(s.name for s in driver.STAGES)}), then config overrides")
     stage.add_argument("--config", help="run config YAML (default: the embedded tiny defaults)")
     stage.add_argument("--worker", action="store_true",
-                       help="run the stage body in this process: what each rank started by the launcher does")
-    stage.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+                       help="run the stages' bodies in this process: what each rank started by the launcher does")
 
     plan = commands.add_parser("plan", help="per-GPU memory for a model x ZeRO stage x world size",
                                description="Print per-GPU memory of an APT finetune (frozen bf16 base, adapter "
@@ -47,17 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     if args.command == "plan":
         return planner.main(args)
+    if args.command == "stage":
+        stages = stage_names(parser, args)
     try:
         cfg = config_lib.load(args.config, [*args.overrides, *extra])
         if args.command == "run":
             driver.run_pipeline(cfg, from_stage=args.from_stage)  # checks the inputs first
         elif args.worker:  # a rank started by the launcher: the driver checked the inputs
-            driver.execute_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+            driver.execute_launched(stages, cfg, cfg.run_dir)
         else:
-            preflight.check(cfg, tracking_server=False)  # one stage alone logs to metrics.jsonl only
+            preflight.check(cfg, tracking_server=False)  # stages alone log to metrics.jsonl only
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             with run_lock.hold(cfg.run_dir):
-                driver.run_stage(driver.stage_by_name(args.name), cfg, cfg.run_dir)
+                for step in driver.steps_of(stages):
+                    driver.run_step(step, cfg, cfg.run_dir)
     except (config_lib.ConfigError, run_lock.RunLocked) as e:  # refused at start-up: the message says why
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 2
@@ -65,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apt-pipeline: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def stage_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
+    """The stages `stage` names (its leading arguments without "="); the rest stay overrides."""
+    count = next((i for i, arg in enumerate(args.overrides) if "=" in arg), len(args.overrides))
+    names, args.overrides = args.overrides[:count], args.overrides[count:]
+    known = [stage.name for stage in driver.STAGES]
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        parser.error(f"stage: {'unknown stage ' + ', '.join(unknown) if unknown else 'name a stage'}; "
+                     f"stages: {', '.join(known)}")
+    return tuple(driver.stage_by_name(name) for name in names)
 
 
 if __name__ == "__main__":

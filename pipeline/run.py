@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shlex
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from pipeline import checkpoints, nodes, preflight, run_lock, tracking
 from pipeline import config as config_lib
-from pipeline.dist import get_logger, is_main, on_cpu, rank, world_size
+from pipeline.dist import barrier, empty_cache, get_logger, is_main, on_cpu, rank, world_size
 from pipeline.layout import RunLayout
 from pipeline.stage import (
     MANIFEST,
@@ -68,10 +69,15 @@ def stage_by_name(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
 
 
-def expected_fingerprint(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> str:
-    """The fingerprint this config gives `stage`, from its sections and its inputs' manifests."""
+def expected_fingerprint(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path,
+                         planned: dict[str, str] | None = None) -> str:
+    """The fingerprint this config gives `stage`, from its sections and its inputs' manifests (or, for an input
+    launched with it, `planned`: the fingerprint that input is about to get)."""
     inputs = {}
     for name in stage.inputs:
+        if planned and name in planned:
+            inputs[name] = planned[name]
+            continue
         manifest = read_manifest(run_dir / name)
         if manifest is None:
             raise RuntimeError(f"stage {stage.name} needs {name}'s output; run stage {name} first")
@@ -96,13 +102,13 @@ def run_pipeline(cfg: config_lib.RunConfig, *, from_stage: str | None = None) ->
 def run_stages(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None) -> None:
     """Every stage that is not done, in order, each tracked in the run's MLflow run; then the run's summary."""
     with tracking.pipeline_run(cfg) as mlflow_run:  # rank 0's MLflow run; stages only write metrics.jsonl
-        for stage, stage_cfg, runs in plan_stages(cfg, run_dir, from_stage):
+        for stages, stage_cfg, runs in plan_steps(cfg, run_dir, from_stage):
             if not runs:
-                log.info("%-9s done, skipped", stage.name)
-                tracking.record_skipped(mlflow_run, run_dir / stage.name)
+                log.info("%-9s done, skipped", stages[0].name)
+                tracking.record_skipped(mlflow_run, run_dir / stages[0].name)
                 continue
-            with tracking.tracked_stage(mlflow_run, run_dir / stage.name):
-                run_stage(stage, stage_cfg, run_dir)
+            with tracking.tracked_stages(mlflow_run, [run_dir / stage.name for stage in stages]):
+                run_step(stages, stage_cfg, run_dir)
         export = RunLayout(run_dir).export
         mlflow_run.set_tag("export_path", str(export.resolve()))
     summary = run_summary(run_dir, cfg.model.path or "a model built from the model section")
@@ -123,11 +129,58 @@ def plan_stages(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None
         yield stage, stage_cfg, runs
 
 
+def plan_steps(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None = None,
+               configs: dict[str, config_lib.RunConfig] | None = None):
+    """`plan_stages` as steps (stages, config, whether they run): distributed stages that run one after the other
+    under one config share a step, one launch, so their ranks start once (interpreter, imports, process group).
+    Every stage after one that runs runs too, so a step is yielded before any later fingerprint is read."""
+    joined, joined_cfg = [], None
+    for stage, stage_cfg, runs in plan_stages(cfg, run_dir, from_stage, configs):
+        if joined and not (runs and stage.distributed and stage_cfg is joined_cfg):
+            yield tuple(joined), joined_cfg, True
+            joined = []
+        if runs and stage.distributed:
+            joined, joined_cfg = [*joined, stage], stage_cfg
+        else:
+            yield (stage,), stage_cfg, runs
+    if joined:
+        yield tuple(joined), joined_cfg, True
+
+
+def run_step(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_dir: Path) -> dict[str, dict]:
+    """Run one step: a single-process stage here, distributed stages through one `deepspeed` launch. Returns each
+    stage's summary."""
+    if stages[0].distributed:
+        return launch(stages, cfg, run_dir)
+    return {stages[0].name: execute_stage(stages[0], cfg, run_dir)}
+
+
+def steps_of(stages: tuple[Stage, ...]) -> list[tuple[Stage, ...]]:
+    """Named stages as steps: distributed ones next to each other share a launch."""
+    steps: list[tuple[Stage, ...]] = []
+    for stage in stages:
+        if steps and stage.distributed and steps[-1][-1].distributed:
+            steps[-1] += (stage,)
+        else:
+            steps.append((stage,))
+    return steps
+
+
 def run_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
-    """Run one stage: here for single-process stages, through the `deepspeed` launcher for distributed ones."""
-    if stage.distributed:
-        return launch(stage, cfg, run_dir)
-    return execute_stage(stage, cfg, run_dir)
+    """Run one stage (a step of its own); its summary."""
+    return run_step((stage,), cfg, run_dir)[stage.name]
+
+
+def execute_launched(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_dir: Path) -> None:
+    """What every rank of a launch runs: its stages in order. Before the next one, the last one's engine goes (its
+    memory back to the accelerator) and every rank waits for the others: the next fingerprint reads the manifest
+    rank 0 wrote last."""
+    for index, stage in enumerate(stages):
+        if index:
+            gc.collect()  # a DeepSpeed engine holds reference cycles (hooks, optimizer)
+            empty_cache()
+            barrier()
+        execute_stage(stage, cfg, run_dir)
 
 
 def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
@@ -171,40 +224,56 @@ def failure_detail(error: BaseException, failure: WriteFailed | None) -> str:
     return f"{detail} -- {failure.fix}"
 
 
-def launch(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:
-    """Start the stage on every rank with the `deepspeed` launcher, wait, and check its manifest."""
-    stage_dir = run_dir / stage.name
-    fp = expected_fingerprint(stage, cfg, run_dir)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
-    key = stage_dir / RESUME_KEY
-    if key.is_file() and key.read_text() != fp:
-        log.info("%s: config changed since its checkpoints were written; starting it over", stage.name)
-        shutil.rmtree(stage_dir)
-    checkpoints.check_checkpoint(stage_dir / checkpoints.FOLDER)  # truncated or unsafe: refused before any rank starts
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(stage_dir / RANKS, ignore_errors=True)
-    write_atomic(key, fp)
+def launch(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_dir: Path) -> dict[str, dict]:
+    """Start the stages on every rank with one `deepspeed` launch, wait, and check each one's manifest."""
+    fingerprints: dict[str, str] = {}
+    for stage in stages:
+        fingerprints[stage.name] = expected_fingerprint(stage, cfg, run_dir, fingerprints)
+        prepare_launched_stage(run_dir / stage.name, fingerprints[stage.name])
     config_path = run_dir / "config.yaml"
     write_atomic(config_path, config_lib.dump(cfg))
-    command = deepspeed_command(cfg.deepspeed, stage.name, config_path)
-    log.info("%-9s launching: %s", stage.name, shlex.join(command))
+    names = [stage.name for stage in stages]
+    command = deepspeed_command(cfg.deepspeed, names, config_path)
+    log.info("%-9s launching: %s", ", ".join(names), shlex.join(command))
     started = time.time()
     env = rank_environment(cfg.deepspeed.num_gpus)
     # Ranks on the hosts of a hostfile start in a fresh login shell: the settings travel in a .deepspeed_env.
     with nodes.node_env(env) if cfg.deepspeed.hostfile is not None else contextlib.nullcontext(env) as env:
         result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        ranks = describe_rank_failures(stage_dir) or "no rank recorded a failure (the launcher itself failed?)"
-        again = "Running the same command again resumes it from its last checkpoint"
-        if cfg.deepspeed.hostfile is not None:
-            again += (", also with a lost host left out of deepspeed.hostfile and deepspeed.num_nodes lowered (a "
-                      "checkpoint resumes on another number of ranks)")
-        raise StageFailed(f"stage {stage.name} failed (launcher exit code {result.returncode}):\n{ranks}\n{again}.")
-    manifest = read_manifest(stage_dir)
-    if manifest is None or manifest["fingerprint"] != fp:
-        raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {stage_dir}")
-    log.info("%-9s finished in %.1fs", stage.name, time.time() - started)
-    return manifest["summary"]
+    summaries = {}
+    for stage in stages:
+        manifest = read_manifest(run_dir / stage.name)
+        if result.returncode != 0 and (manifest is None or stage == stages[-1]):
+            raise launch_failed(stage, cfg, run_dir / stage.name, result.returncode)
+        if manifest is None or manifest["fingerprint"] != fingerprints[stage.name]:
+            raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {run_dir / stage.name}")
+        summaries[stage.name] = manifest["summary"]
+    log.info("%-9s finished in %.1fs", ", ".join(names), time.time() - started)
+    return summaries
+
+
+def prepare_launched_stage(stage_dir: Path, fp: str) -> None:
+    """Before a launch: no manifest, checkpoints of another config gone, a truncated or unsafe one refused before
+    any rank starts, no rank status left from an earlier attempt."""
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    key = stage_dir / RESUME_KEY
+    if key.is_file() and key.read_text() != fp:
+        log.info("%s: config changed since its checkpoints were written; starting it over", stage_dir.name)
+        shutil.rmtree(stage_dir)
+    checkpoints.check_checkpoint(stage_dir / checkpoints.FOLDER)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(stage_dir / RANKS, ignore_errors=True)
+    write_atomic(key, fp)
+
+
+def launch_failed(stage: Stage, cfg: config_lib.RunConfig, stage_dir: Path, code: int) -> StageFailed:
+    """The error of a launch that exited non-zero, named after the first stage it did not finish."""
+    ranks = describe_rank_failures(stage_dir) or "no rank recorded a failure (the launcher itself failed?)"
+    again = "Running the same command again resumes it from its last checkpoint"
+    if cfg.deepspeed.hostfile is not None:
+        again += (", also with a lost host left out of deepspeed.hostfile and deepspeed.num_nodes lowered (a "
+                  "checkpoint resumes on another number of ranks)")
+    return StageFailed(f"stage {stage.name} failed (launcher exit code {code}):\n{ranks}\n{again}.")
 
 
 def rank_environment(ranks_per_node: int) -> dict[str, str]:
@@ -222,14 +291,14 @@ def rank_environment(ranks_per_node: int) -> dict[str, str]:
     return env
 
 
-def deepspeed_command(section: config_lib.DeepSpeedSection, stage_name: str, config_path: Path) -> list[str]:
-    """The launcher command line for one distributed stage; it is logged so a user can rerun it by hand."""
+def deepspeed_command(section: config_lib.DeepSpeedSection, stage_names: list[str], config_path: Path) -> list[str]:
+    """The launcher command line for distributed stages; it is logged so a user can rerun it by hand."""
     launcher = Path(sys.executable).with_name("deepspeed")
     command = [str(launcher) if launcher.exists() else "deepspeed",
                "--num_nodes", str(section.num_nodes), "--num_gpus", str(section.num_gpus),
                "--master_port", str(section.master_port), "--no_local_rank"]
     if section.hostfile is not None:
         command += ["--hostfile", section.hostfile, *nodes.launcher_args(section)]
-    command += [*section.launcher_args, "--module", "pipeline.cli", "stage", stage_name, "--worker",
+    command += [*section.launcher_args, "--module", "pipeline.cli", "stage", *stage_names, "--worker",
                 "--config", str(config_path)]
     return command

@@ -465,20 +465,30 @@ def pipeline_run(cfg) -> Iterator[MlflowLogger]:
 
 
 @contextlib.contextmanager
-def tracked_stage(logger: MlflowLogger, stage_dir: Path, *, live_every: float | None = None) -> Iterator[None]:
-    """Tag `stage.<name>` running, then done or failed; its metrics reach MLflow while it runs (every `live_every`
-    seconds, default LIVE_SYNC_SECONDS) and at its end."""
-    tag = f"stage.{stage_dir.name}"
-    logger.set_tag(tag, "running")
+def tracked_stages(logger: MlflowLogger, stage_dirs: list[Path], *, live_every: float | None = None) -> Iterator[None]:
+    """Tag each `stage.<name>` running, then done or failed; their metrics reach MLflow while they run (every
+    `live_every` seconds, default LIVE_SYNC_SECONDS) and at their end. Stages launched together that fail: the
+    ones that wrote their manifest are done."""
+    for stage_dir in stage_dirs:
+        logger.set_tag(f"stage.{stage_dir.name}", "running")
     try:
-        with LiveReplay(logger, stage_dir, LIVE_SYNC_SECONDS if live_every is None else live_every):
+        with contextlib.ExitStack() as replays:
+            for stage_dir in stage_dirs:
+                replays.enter_context(LiveReplay(logger, stage_dir, LIVE_SYNC_SECONDS if live_every is None
+                                                 else live_every))
             yield
     except BaseException:
-        logger.set_tag(tag, "failed")
-        logger.replay_jsonl(stage_dir / METRICS_FILE, stage_dir.name)  # the steps it made before failing
+        for stage_dir in stage_dirs:
+            finished = read_manifest(stage_dir) is not None  # a launch removes its stages' manifests first
+            if finished:
+                logger.sync_stage(stage_dir)
+            else:
+                logger.replay_jsonl(stage_dir / METRICS_FILE, stage_dir.name)  # the steps it made before failing
+            logger.set_tag(f"stage.{stage_dir.name}", "done" if finished else "failed")
         raise
-    logger.sync_stage(stage_dir)
-    logger.set_tag(tag, "done")
+    for stage_dir in stage_dirs:
+        logger.sync_stage(stage_dir)
+        logger.set_tag(f"stage.{stage_dir.name}", "done")
 
 
 def record_skipped(logger: MlflowLogger, stage_dir: Path) -> None:

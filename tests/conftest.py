@@ -90,12 +90,13 @@ def prep_dir(tmp_path_factory, small_corpus) -> Path:
 def reference_run(tmp_path_factory, small_corpus) -> Path:
     """One uninterrupted chain on one node of two ranks (tests/chains.py REFERENCE), run once per session: the tiny
     chain's own checks read it, and the resumed, multi-host and pdsh runs must end equal to it. Read it, never
-    write into it (copy it first)."""
+    write into it (copy it first). The driver's log lies beside it, in `driver.log`."""
     from chains import REFERENCE, apt_pipeline
 
     from harness import free_port
 
     root = tmp_path_factory.mktemp("reference")
-    apt_pipeline("run", "--config", "tests/tiny.yaml", f"run.root={root}", f"data.sources=[{small_corpus}]",
-                 f"deepspeed.master_port={free_port()}", *REFERENCE)
+    result = apt_pipeline("run", "--config", "tests/tiny.yaml", f"run.root={root}", f"data.sources=[{small_corpus}]",
+                          f"deepspeed.master_port={free_port()}", *REFERENCE)
+    (root / "driver.log").write_text(result.stderr)
     return root / "tiny"

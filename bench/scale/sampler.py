@@ -2,8 +2,9 @@
 
 Polled from outside, so the pipeline runs unchanged. A rank's peak is its kernel high-water mark (VmHWM), exact up
 to the last poll before it exits; the driver lives through every stage, so its per-stage figure is the highest
-resident set (VmRSS) sampled while that stage ran. Anonymous memory (RssAnon) is sampled beside it: the part of
-the resident set that is not a mapped file (safetensors are read through mmap).
+resident set (VmRSS) sampled while that stage ran, and so is a rank's in the later stages of a launch that runs
+several (the high-water mark would still hold the earlier stage's peak). Anonymous memory (RssAnon) is sampled
+beside it: the part of the resident set that is not a mapped file (safetensors are read through mmap).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class TreeSampler:
     timeline: list[tuple[float, str, str, int | None, int]] = field(default_factory=list)
     """(time, role, stage, rank, resident bytes) of the driver and the ranks, one row per process and second."""
     _stop: threading.Event = field(default_factory=threading.Event)
-    _roles: dict[int, tuple[str, str | None, int | None]] = field(default_factory=dict)
+    _roles: dict[int, tuple[str, tuple[str, ...], int | None]] = field(default_factory=dict)
+    _first_stage: dict[int, str] = field(default_factory=dict)
     _last_row: dict[int, float] = field(default_factory=dict)
 
     def __enter__(self) -> TreeSampler:
@@ -72,12 +74,14 @@ class TreeSampler:
             status = read_status(process.pid)
             if status is None:
                 continue
-            role, own_stage, rank = self._role(process)
+            role, own_stages, rank = self._role(process)
+            own_stage = own_stages[0] if len(own_stages) == 1 else stage  # a launch of several: the running one
             key = (role, own_stage or stage, rank, process.pid if role == "launcher" else None)
             peak = self.peaks.setdefault(key, ProcessPeak(role, own_stage or stage or "-", rank))
             if peak.first_rss is None:
                 peak.first_rss = status["VmRSS"]
-            peak.hwm = max(peak.hwm, status["VmHWM"])
+            first_stage = self._first_stage.setdefault(process.pid, peak.stage)
+            peak.hwm = max(peak.hwm, status["VmHWM"] if peak.stage == first_stage else status["VmRSS"])
             peak.rss = max(peak.rss, status["VmRSS"])
             peak.anon = max(peak.anon, status.get("RssAnon", 0))
             now = time.time()
@@ -85,8 +89,8 @@ class TreeSampler:
                 self._last_row[process.pid] = now
                 self.timeline.append((round(now, 1), role, peak.stage, rank, status["VmRSS"]))
 
-    def _role(self, process: psutil.Process) -> tuple[str, str | None, int | None]:
-        """(driver | rank | launcher, the stage a rank runs, its rank). Only a rank is cached per pid: a process
+    def _role(self, process: psutil.Process) -> tuple[str, tuple[str, ...], int | None]:
+        """(driver | rank | launcher, the stages a rank runs, its rank). Only a rank is cached per pid: a process
         polled between fork and exec still shows its launcher's command line and environment."""
         if process.pid in self._roles:
             return self._roles[process.pid]
@@ -96,18 +100,19 @@ class TreeSampler:
         return role
 
 
-def classify(process: psutil.Process, root: int) -> tuple[str, str | None, int | None]:
-    """A rank runs `pipeline.cli stage NAME --worker` with RANK in its environment; the rest launch them (the
-    launcher's own command line names the stage too, but it has no RANK)."""
+def classify(process: psutil.Process, root: int) -> tuple[str, tuple[str, ...], int | None]:
+    """A rank runs `pipeline.cli stage NAME [NAME ...] --worker` with RANK in its environment; the rest launch them
+    (the launcher's own command line names the stages too, but it has no RANK)."""
     if process.pid == root:
-        return "driver", None, None
+        return "driver", (), None
     try:
         command, environ = process.cmdline(), process.environ()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "launcher", None, None
+        return "launcher", (), None
     if "--worker" in command and "stage" in command and "RANK" in environ:
-        return "rank", command[command.index("stage") + 1], int(environ.get("RANK", 0))
-    return "launcher", None, None
+        names = command[command.index("stage") + 1:command.index("--worker")]
+        return "rank", tuple(names), int(environ.get("RANK", 0))
+    return "launcher", (), None
 
 
 def read_status(pid: int) -> dict[str, int] | None:

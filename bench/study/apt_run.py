@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import config as config_lib
 from pipeline import preflight
-from pipeline.run import expected_fingerprint, plan_stages, run_stage, stage_by_name
+from pipeline.run import expected_fingerprint, plan_steps, run_stage, run_step, stage_by_name
 from pipeline.stage import is_done, write_atomic
 
 CORPUS = "data/python-docs.jsonl"
@@ -118,7 +118,7 @@ def run_apt(cfg: config_lib.RunConfig, split_cfg: config_lib.RunConfig | None = 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
-    for stage, stage_cfg, runs in plan_stages(cfg, run_dir, configs={"prep": split_cfg} if split_cfg else None):
+    for stages, stage_cfg, runs in plan_steps(cfg, run_dir, configs={"prep": split_cfg} if split_cfg else None):
         if runs:
-            run_stage(stage, stage_cfg, run_dir)
+            run_step(stages, stage_cfg, run_dir)
     return run_dir / "merge" / "model"

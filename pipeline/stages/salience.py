@@ -29,7 +29,7 @@ from pipeline.layout import RunLayout, finetune_masks
 from pipeline.model_io import model_shape
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
-from pipeline.training import BatchOrder, halve_loss_scale, loss_scale
+from pipeline.training import BatchOrder, halve_loss_scale, loss_scale, seed_everything
 
 Config = SalienceConfig
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -40,6 +40,7 @@ log = dist.get_logger("apt.salience")
 
 def run(cfg: SalienceConfig, run_dir: Path) -> dict:
     dist.init_distributed(cfg.deepspeed.timeout_minutes)
+    seed_everything(cfg.run.seed)  # the same calibration whether the fine-tune ran in this process or not
     world_size, rank = dist.world_size(), dist.rank()
     layout = RunLayout(run_dir, cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))

@@ -1,4 +1,4 @@
-"""A rank that dies takes the stage down quickly, and the driver names it."""
+"""A rank that dies takes its launch down quickly, the driver names it, and a stage launched before it stays done."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import config as config_lib
 from pipeline import run as driver
+from pipeline.stage import MANIFEST
 
 from harness import free_port
 
@@ -19,19 +20,23 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 def test_killed_rank_fails_the_stage_within_a_minute_and_is_named(tmp_path, small_corpus):
     cfg = config_lib.load("tests/tiny.yaml", [f"run.root={tmp_path}", f"data.sources=[{small_corpus}]",
-                                                "data.num_proc=1", "data.seq_len=64", "train.steps=2000",
-                                                "train.checkpoint_every=1000", f"deepspeed.master_port={free_port()}"])
+                                                "data.num_proc=1", "data.seq_len=64", "train.steps=12",
+                                                "pruning.end_step=2", "salience.batches=5000",
+                                                f"deepspeed.master_port={free_port()}"])
     driver.run_stage(driver.stage_by_name("prep"), cfg, cfg.run_dir)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(config_lib.dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "finetune", "--config", str(config_path)],
+    # finetune and salience share one launch; rank 1 dies in the second
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "finetune", "salience",
+                             "--config", str(config_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    metrics = cfg.run_dir / "finetune" / "metrics.jsonl"
+    status = cfg.run_dir / "salience" / ".ranks" / "rank1.json"
     deadline = time.time() + 240
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.time() < deadline, "finetune did not start training"
+    while not status.is_file():
+        assert proc.poll() is None and time.time() < deadline, "salience did not start"
         time.sleep(0.2)
-    victim = json.loads((cfg.run_dir / "finetune" / ".ranks" / "rank1.json").read_text())
+    time.sleep(2)  # into the calibration batches
+    victim = json.loads(status.read_text())
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()
     try:
@@ -41,4 +46,8 @@ def test_killed_rank_fails_the_stage_within_a_minute_and_is_named(tmp_path, smal
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert time.time() - killed_at < 60
+    assert output.count("launching:") == 1
+    assert "stage salience failed" in output
     assert f"rank 1 (pid {victim['pid']}" in output and "died without an error" in output
+    assert (cfg.run_dir / "finetune" / MANIFEST).is_file()  # done: a rerun starts at salience
+    assert not (cfg.run_dir / "salience" / MANIFEST).exists()

@@ -24,6 +24,14 @@ def test_every_stage_leaves_its_manifest_and_the_export_meets_the_budget(referen
     assert (reference_run / "finalize" / "masks.png").stat().st_size > 1000
 
 
+def test_finetune_and_salience_share_one_launch(reference_run):
+    """Their ranks start once (interpreter, imports, process group) and run both stages."""
+    log = (reference_run.parent / "driver.log").read_text()
+    launches = [line for line in log.splitlines() if " launching: " in line]
+    assert len(launches) == 1 and "finetune, salience launching: " in launches[0], launches
+    assert launches[0].endswith(" stage finetune salience --worker --config " + str(reference_run / "config.yaml"))
+
+
 def test_the_chain_reads_grown_adapters_and_the_export_equals_the_trained_model(reference_run):
     """Issue 14: the salience stage injected adapters at `apt.rank` and refused the grown shapes."""
     ranks = grown_ranks(reference_run)

@@ -114,6 +114,16 @@ def test_non_llama_model_fails_at_start_up_naming_the_supported_types(apt_pipeli
     assert not run_root.exists()
 
 
+@pytest.mark.parametrize("names", [("finetune", "salince"), ()], ids=["misspelt", "none"])
+def test_stage_names_an_unknown_or_no_stage_and_lists_them(apt_pipeline, run_root, capsys, names):
+    with pytest.raises(SystemExit) as exited:
+        apt_pipeline(command=("stage", *names))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "stages: prep, finetune, salience, finalize, merge, eval" in err
+    assert ("unknown stage salince" if names else "name a stage") in err
+    assert not run_root.exists()
+
+
 def test_model_folder_without_config_json(apt_pipeline, run_root, tmp_path):
     model_dir = write_model_dir(tmp_path / "model")
     (model_dir / "config.json").unlink()

@@ -41,10 +41,10 @@ def test_the_env_file_lives_for_the_launch_only(tmp_path, monkeypatch):
 
 
 def test_the_launcher_gets_the_first_host_as_master_address(tmp_path):
-    command = driver.deepspeed_command(section(tmp_path, ["node-a", "node-b"], num_nodes=2), "finetune", Path("c"))
+    command = driver.deepspeed_command(section(tmp_path, ["node-a", "node-b"], num_nodes=2), ["finetune"], Path("c"))
     assert command[command.index("--master_addr") + 1] == "node-a" and "--force_multi" not in command
     given = section(tmp_path, ["node-a", "node-b"], num_nodes=2, launcher_args=("--master_addr=10.0.0.1",))
-    assert driver.deepspeed_command(given, "finetune", Path("c")).count("--master_addr") == 0
+    assert driver.deepspeed_command(given, ["finetune"], Path("c")).count("--master_addr") == 0
 
 
 def test_a_single_remote_host_is_reached_over_ssh_not_run_here(tmp_path):

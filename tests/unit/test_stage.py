@@ -134,6 +134,22 @@ def test_manifest_without_a_declared_output_is_from_an_older_version_and_reruns(
                        ["fingerprint"], ("out.txt", "new.txt"))  # the fake a never writes it: never done
 
 
+def test_distributed_stages_in_a_row_share_one_launch(tmp_path, monkeypatch):
+    from pipeline import config as config_lib
+
+    def stage(name, inputs, distributed=False):
+        return Stage(name, DataView, inputs, None, distributed=distributed)
+
+    a, b, c, d, e = (stage("a", ()), stage("b", ("a",), True), stage("c", ("b",), True), stage("d", ("c",)),
+                     stage("e", ("d",), True))
+    monkeypatch.setattr(driver, "STAGES", (a, b, c, d, e))
+    assert driver.steps_of((a, b, c, d, e)) == [(a,), (b, c), (d,), (e,)]
+    assert driver.steps_of((b, d, c)) == [(b,), (d,), (c,)]
+    cfg = config_lib.load(None, [f"run.root={tmp_path}"])
+    steps = [(stages, runs) for stages, _, runs in driver.plan_steps(cfg, cfg.run_dir)]
+    assert steps == [((a,), True), ((b, c), True), ((d,), True), ((e,), True)]
+
+
 def test_every_stage_declares_what_later_stages_read():
     assert all(stage.outputs for stage in driver.STAGES)
     assert "heldout.jsonl" in driver.stage_by_name("prep").outputs  # lm-eval's task reads it in the eval stage

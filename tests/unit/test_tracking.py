@@ -186,7 +186,7 @@ def test_tracked_stage_tags_status_and_logs_metrics_and_files(tmp_path, store_ur
     logger = MlflowLogger(store_uri, EXPERIMENT, tmp_path)
     stage_dir = tmp_path / "finalize"
 
-    with tracking.tracked_stage(logger, stage_dir):
+    with tracking.tracked_stages(logger, [stage_dir]):
         assert client(store_uri).get_run(logger.run_id).data.tags["stage.finalize"] == "running"
         make_stage_dir(tmp_path, "finalize")
 
@@ -196,14 +196,19 @@ def test_tracked_stage_tags_status_and_logs_metrics_and_files(tmp_path, store_ur
 
 
 def test_a_failed_stage_is_tagged_failed_with_the_steps_it_made(tmp_path, store_uri):
+    """Two stages of one launch: the first finished (its manifest is there), the second failed."""
     logger = MlflowLogger(store_uri, EXPERIMENT, tmp_path)
 
-    with pytest.raises(RuntimeError, match="rank 1 died"), tracking.tracked_stage(logger, tmp_path / "finetune"):
-        write_rows(tmp_path / "finetune" / "metrics.jsonl", [1, 2, 3])
+    with pytest.raises(RuntimeError, match="rank 1 died"), tracking.tracked_stages(
+            logger, [tmp_path / "finetune", tmp_path / "salience"]):
+        make_stage_dir(tmp_path, "finetune")
+        write_rows(tmp_path / "salience" / "metrics.jsonl", [1, 2, 3])
         raise RuntimeError("rank 1 died")
 
-    assert client(store_uri).get_run(logger.run_id).data.tags["stage.finetune"] == "failed"
-    assert [step for step, _ in steps_of(logger, "finetune/loss")] == [1, 2, 3]
+    tags = client(store_uri).get_run(logger.run_id).data.tags
+    assert (tags["stage.finetune"], tags["stage.salience"]) == ("done", "failed")
+    assert artifact_names(logger, "finetune") == ["manifest.json", "masks.json"]
+    assert [step for step, _ in steps_of(logger, "salience/loss")] == [1, 2, 3]
 
 
 def test_skipped_stages_reach_a_new_run_once(tmp_path, store_uri):
@@ -223,7 +228,7 @@ def test_skipped_stages_reach_a_new_run_once(tmp_path, store_uri):
 def test_metrics_reach_mlflow_while_the_stage_runs(tmp_path, store_uri):
     logger = MlflowLogger(store_uri, EXPERIMENT, tmp_path)
 
-    with tracking.tracked_stage(logger, tmp_path / "finetune", live_every=0.05):
+    with tracking.tracked_stages(logger, [tmp_path / "finetune"], live_every=0.05):
         write_rows(tmp_path / "finetune" / "metrics.jsonl", [1, 2])
         deadline = time.monotonic() + 20
         while not steps_of(logger, "finetune/loss") and time.monotonic() < deadline:

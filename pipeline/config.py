@@ -205,7 +205,9 @@ class PruningSection:
     """kv_group: drop whole KV groups; query_in_group: keep KV heads, trim query heads evenly per group."""
     layout: Literal["uniform", "per_layer"] = "uniform"
     """uniform: same kept sizes in every layer (a plain config of the base's type); per_layer: sizes vary per
-    layer (an `apt_llama` / `apt_mistral` / `apt_qwen2` config that `import pipeline` registers)."""
+    layer (an `apt_llama` / `apt_mistral` / `apt_qwen2` config; the export carries its modeling code, so
+    `from_pretrained(path, trust_remote_code=True)` loads it with transformers alone, and after `import
+    pipeline` without remote code)."""
     round_to: int = 8
     """Kept neurons and hidden channels are multiples of this (1 disables)."""
     min_hidden: int = 16

@@ -16,14 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from pipeline import hetero
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.slicing import LayerKeep, kept_indices, layer_slices, plan_layer
-from pipeline.hetero import HETEROGENEOUS
 from pipeline.stage import write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """`export.dtype` names -> torch dtypes."""
+MODELING_FILE = "modeling_apt.py"
+"""The per-layer classes' source (`pipeline/hetero.py`), written beside a per-layer export: its config's `auto_map`
+names them, so transformers builds the model with `trust_remote_code=True` where the pipeline is not installed."""
 
 
 class BaseWeights:
@@ -107,6 +110,8 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
     shards.write(shape.num_layers, outer_weights(base, hidden, config.tie_word_embeddings))
     shards.write_index()
     pruned_config(config, plans[0], per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
+    if per_layer:
+        shutil.copyfile(hetero.__file__, tmp / MODELING_FILE)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return {"params": shards.params, "hidden_size": hidden.numel(), **plans[0].sizes(), "per_layer": bool(per_layer)}
@@ -153,11 +158,15 @@ def pruned_config(config, first: LayerKeep, per_layer: dict, hidden_size: int, h
 
 def heterogeneous_config(config, per_layer: dict[int, dict[str, int]]):
     """The pruned config in transformers' per-layer format, as the registered `apt_<type>` of its family
-    (`apt_llama`, `apt_mistral`, `apt_qwen2`)."""
-    config_class, model_class = HETEROGENEOUS[config.model_type]
+    (`apt_llama`, `apt_mistral`, `apt_qwen2`), its classes also named in `MODELING_FILE` for remote code."""
+    config_class, model_class = hetero.HETEROGENEOUS[config.model_type]
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures",
-                                                                    "transformers_version")}
-    return config_class(**values, per_layer_config=per_layer, architectures=[model_class.__name__])
+                                                                    "transformers_version", "auto_map")}
+    module = Path(MODELING_FILE).stem
+    auto_map = {"AutoConfig": f"{module}.{config_class.__name__}",
+                "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+    return config_class(**values, per_layer_config=per_layer, architectures=[model_class.__name__],
+                        auto_map=auto_map)
 
 
 def write_compacted_base(original_dir: Path, alive: MaskSet, out_dir: Path, trust_remote_code: bool) -> None:

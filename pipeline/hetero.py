@@ -4,8 +4,10 @@ the Auto classes.
 The config is transformers' own heterogeneous format: global sizes plus `per_layer_config`, a map from
 layer index to the attributes that differ. transformers 5.23's Llama, Mistral and Qwen2 modeling do not build
 such a config yet; `import pipeline` registers small classes that do (model types `apt_llama`, `apt_mistral`,
-`apt_qwen2`), so `AutoModelForCausalLM` loads the export without `trust_remote_code`. Only the layer
-construction differs from the base family's `...ForCausalLM`; one mixin pair serves all three families.
+`apt_qwen2`), so `AutoModelForCausalLM` loads the export without `trust_remote_code`. Where the pipeline is not
+installed, the export's own copy of this file (`modeling_apt.py`, named by the config's `auto_map`) builds it with
+`trust_remote_code=True`: it imports only torch, transformers and huggingface_hub. Only the layer construction
+differs from the base family's `...ForCausalLM`; one mixin pair serves all three families.
 """
 
 from __future__ import annotations

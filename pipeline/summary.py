@@ -25,9 +25,8 @@ def run_summary(run_dir: Path, base_model: str) -> str | None:
         figures = ", ".join(f"{metric} {value:.4g} -> {after[metric]:.4g}" for metric, value in scores.items())
         lines.append(f"lm-eval      {task}: {figures}")
     lines.append(f"speed-up     {describe_speed(metrics['speed'])}")
-    load = f'AutoModelForCausalLM.from_pretrained("{layout.export}")'
-    if pruned["shape"]["per_layer"]:
-        load = f"import pipeline; {load}  (a per_layer export: pipeline registers its model class)"
+    remote = ", trust_remote_code=True" if pruned["shape"]["per_layer"] else ""  # its modeling code is beside it
+    load = f'AutoModelForCausalLM.from_pretrained("{layout.export}"{remote})'
     lines.append(f"load it      {load}")
     return "run summary\n  " + "\n  ".join(lines)
 

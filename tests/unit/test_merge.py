@@ -12,25 +12,29 @@ from safetensors.torch import save_file
 from pipeline.apt.adapters import inject_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
 from pipeline.apt.search import search_masks
-from pipeline.export import export_pruned
+from pipeline.export import MODELING_FILE, export_pruned
 
 LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
-    import json, sys
+    import importlib.util, json, sys
+    # The project is installed editable (a finder class on sys.meta_path): drop it, so that only transformers is here.
+    sys.meta_path = [finder for finder in sys.meta_path if not finder.__module__.startswith("__editable__")]
+    assert importlib.util.find_spec("pipeline") is None
     import torch
-    if sys.argv[2] == "import-pipeline":
-        import pipeline  # registers the per-layer model type
     from transformers import AutoModelForCausalLM
-    for folder in json.loads(sys.argv[1]):
-        model = AutoModelForCausalLM.from_pretrained(folder + "/export", dtype=torch.float32).eval()
+    for folder, per_layer in json.loads(sys.argv[1]):
+        # A per-layer export carries its modeling code (remote code, read from the folder itself); a uniform one is
+        # a family's own model.
+        model = AutoModelForCausalLM.from_pretrained(folder + "/export", dtype=torch.float32,
+                                                     trust_remote_code=per_layer).eval()
         ids = torch.load(folder + "/input_ids.pt")
         with torch.no_grad():
             logits = model(ids).logits
         generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
-        assert ("pipeline" in sys.modules) == (sys.argv[2] == "import-pipeline")
+        assert "pipeline" not in sys.modules
         torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
                     "generated": generated.shape[1], "model_type": model.config.model_type}, folder + "/result.pt")
 """)
-"""Loads each folder's export in a fresh process that imports transformers (and the pipeline only when asked)."""
+"""Loads each folder's export in a fresh process that has transformers and cannot import the pipeline."""
 
 CASES = {
     "llama-gqa-kv_group": dict(arch="llama", num_kv_heads=2, mode="kv_group"),
@@ -82,16 +86,16 @@ def export_case(case: str, folder, input_ids, tiny_model) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model) -> dict[str, dict]:
-    """Every case exported, then loaded: one fresh process with transformers only for the uniform exports, one that
-    imports the pipeline for the per-layer ones (a process start costs seconds; eight would cost a minute)."""
+    """Every case exported, then loaded in one fresh process with transformers and without the pipeline (a
+    process start costs seconds; eight would cost a minute)."""
     input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     cases = {}
     for case in CASES:
         folder = tmp_path_factory.mktemp(case)
         cases[case] = export_case(case, folder, input_ids, tiny_model) | {"folder": folder}
-    for loader, layout in (("transformers-only", "uniform"), ("import-pipeline", "per_layer")):
-        folders = [str(made["folder"]) for made in cases.values() if made["layout"] == layout]
-        subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, json.dumps(folders), loader], check=True)
+    folders = [(str(made["folder"]), made["layout"] == "per_layer") for made in cases.values()]
+    subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS_ONLY, json.dumps(folders)], check=True,
+                   cwd=tmp_path_factory.getbasetemp())
     for made in cases.values():
         made["result"] = torch.load(made["folder"] / "result.pt", weights_only=True)
     return cases
@@ -109,6 +113,7 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, exported):
         kept = kept_sizes(masks)
         assert len(set(kept.heads)) > 1 and len(set(kept.neurons)) > 1
     assert result["model_type"] == (f"apt_{made['arch']}" if layout == "per_layer" else made["arch"])
+    assert (made["folder"] / "export" / MODELING_FILE).is_file() == (layout == "per_layer")
 
 
 @pytest.fixture

@@ -46,6 +46,9 @@ def test_summary_names_sizes_scores_speed_and_how_to_load(tmp_path):
                      "16.00 -> 19.00 (x1.19)", "bits_per_byte 2.5 -> 2.75", "x1.40 generation",
                      f'AutoModelForCausalLM.from_pretrained("{layout.export}")'):
         assert expected in text, (expected, text)
+    metrics["pruned"]["shape"]["per_layer"] = True  # its modeling code travels in the export
+    layout.eval_metrics.write_text(json.dumps(metrics))
+    assert f'from_pretrained("{layout.export}", trust_remote_code=True)' in run_summary(tmp_path, "base-dir")
 
 
 def test_the_shape_of_a_per_layer_export_is_read_from_layer_0(tiny_model):

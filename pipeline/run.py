@@ -134,17 +134,22 @@ def plan_steps(cfg: config_lib.RunConfig, run_dir: Path, from_stage: str | None 
     """`plan_stages` as steps (stages, config, whether they run): distributed stages that run one after the other
     under one config share a step, one launch, so their ranks start once (interpreter, imports, process group).
     Every stage after one that runs runs too, so a step is yielded before any later fingerprint is read."""
-    joined, joined_cfg = [], None
+    joined, joined_cfg = (), None
     for stage, stage_cfg, runs in plan_stages(cfg, run_dir, from_stage, configs):
-        if joined and not (runs and stage.distributed and stage_cfg is joined_cfg):
-            yield tuple(joined), joined_cfg, True
-            joined = []
+        if joined and not (runs and stage_cfg is joined_cfg and shares_launch(joined, stage)):
+            yield joined, joined_cfg, True
+            joined = ()
         if runs and stage.distributed:
-            joined, joined_cfg = [*joined, stage], stage_cfg
+            joined, joined_cfg = (*joined, stage), stage_cfg
         else:
             yield (stage,), stage_cfg, runs
     if joined:
-        yield tuple(joined), joined_cfg, True
+        yield joined, joined_cfg, True
+
+
+def shares_launch(step: tuple[Stage, ...], stage: Stage) -> bool:
+    """A distributed stage right after a distributed one joins its launch."""
+    return step[-1].distributed and stage.distributed
 
 
 def run_step(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_dir: Path) -> dict[str, dict]:
@@ -159,7 +164,7 @@ def steps_of(stages: tuple[Stage, ...]) -> list[tuple[Stage, ...]]:
     """Named stages as steps: distributed ones next to each other share a launch."""
     steps: list[tuple[Stage, ...]] = []
     for stage in stages:
-        if steps and stage.distributed and steps[-1][-1].distributed:
+        if steps and shares_launch(steps[-1], stage):
             steps[-1] += (stage,)
         else:
             steps.append((stage,))

@@ -469,13 +469,13 @@ def tracked_stages(logger: MlflowLogger, stage_dirs: list[Path], *, live_every: 
     """Tag each `stage.<name>` running, then done or failed; their metrics reach MLflow while they run (every
     `live_every` seconds, default LIVE_SYNC_SECONDS) and at their end. Stages launched together that fail: the
     ones that wrote their manifest are done."""
+    every = LIVE_SYNC_SECONDS if live_every is None else live_every
     for stage_dir in stage_dirs:
         logger.set_tag(f"stage.{stage_dir.name}", "running")
     try:
         with contextlib.ExitStack() as replays:
             for stage_dir in stage_dirs:
-                replays.enter_context(LiveReplay(logger, stage_dir, LIVE_SYNC_SECONDS if live_every is None
-                                                 else live_every))
+                replays.enter_context(LiveReplay(logger, stage_dir, every))
             yield
     except BaseException:
         for stage_dir in stage_dirs:

@@ -39,7 +39,7 @@ def build_adapted_engine(cfg, layout: RunLayout, base: Path, ds_config: dict, vo
     """Base from `base` (the run's original base is built there on a fresh run without `model.path`), adapters
     grown to `adapter_ranks` and/or filled from the `adapters` file, `masks` applied, hooks attached, engine built.
 
-    `cfg` holds the run, model, apt and train sections; ZeRO-1/2 read the base in the training dtype (DeepSpeed
+    `cfg` holds the run, model, apt, pruning and train sections; ZeRO-1/2 read the base in the training dtype (DeepSpeed
     would cast it anyway), ZeRO-3 in the dtype it partitions in."""
     apt, dtype = cfg.apt, DTYPES[cfg.train.precision]
     if base == layout.base_model:
@@ -55,6 +55,7 @@ def build_adapted_engine(cfg, layout: RunLayout, base: Path, ds_config: dict, vo
     if masks is not None:
         set_masks(model, masks)
     shape = ModelShape.from_config(model.config)
-    salience = SalienceAccumulator(shape, device=dist.device())  # the hooks add without a copy
+    # On the device: the hooks add without a copy. The taylor criterion also sums activation x gradient.
+    salience = SalienceAccumulator(shape, device=dist.device(), products=cfg.pruning.criterion == "taylor")
     salience.attach(model)
     return AdaptedEngine(build_engine(model, ds_config, cfg.train), shape, salience)

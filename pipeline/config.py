@@ -228,9 +228,23 @@ class PruningSection:
     target_shape: tuple[int, ...] | None = None
     """Fixed final sizes [hidden, heads, kv_heads, intermediate] (uniform layout); the run ends at exactly this
     shape, whose remaining fraction replaces target_remaining."""
+    criterion: Literal["apt", "taylor", "activation", "magnitude", "random"] = "apt"
+    """What ranks the blocks (docs/design.md §3): apt: outlier-aware salience |∂L/∂H|·|H| + sqrt(kurtosis);
+    taylor: |Σ H·∂L/∂H| per block (LLM-Pruner's first-order Taylor); activation: mean squared activation
+    (Minitron); magnitude: Σw² of the base weights; random: a seeded random density per block. The adapters,
+    distillation, rank growth, shape search and export are the same for every criterion."""
+    schedule: Literal["gradual", "one_shot"] = "gradual"
+    """gradual: the cubic schedule over [start_step, end_step] with masks moving mask_step per step (APT);
+    one_shot: scores from the dense model on one_shot_batches calibration batches, the final masks fixed (and
+    compacted) before step 0, every step spent recovering on the final structure (LLM-Pruner's and Minitron's
+    recipes). The window fields are then unused."""
+    one_shot_batches: int = 8
+    """Global calibration batches (forward and backward, no step) the one-shot scores are summed over."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.one_shot_batches < 1:
+            out.append(f"one_shot_batches: {self.one_shot_batches} must be >= 1")
         if not 1 <= self.shape_candidates <= 9:
             out.append(f"shape_candidates: {self.shape_candidates} must be in [1, 9]")
         if self.shape_batches < 1:
@@ -568,7 +582,8 @@ def from_dict(raw: dict) -> RunConfig:
         problems.append(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
                         f"({model.max_position_embeddings})")
     pruning, train = sections.get("pruning"), sections.get("train")
-    if pruning and train and train.steps < (needed := pruning.end_step + math.ceil(1 / pruning.mask_step)):
+    if (pruning and train and pruning.schedule == "gradual"
+            and train.steps < (needed := pruning.end_step + math.ceil(1 / pruning.mask_step))):
         problems.append(f"train.steps: {train.steps} leaves masks fractional; gradual masks need "
                         f"pruning.end_step + 1/pruning.mask_step = {needed} steps to reach exactly 0 or 1")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RunConfig)})

@@ -112,13 +112,15 @@ class RunLayout:
         return self.run_dir / "eval" / "metrics.json"
 
 
-def finetune_masks(layout: RunLayout) -> MaskSet:
-    """The binary masks the fine-tune ended with."""
+def finetune_masks(layout: RunLayout, prefix: str = "masks") -> MaskSet | None:
+    """The binary masks the fine-tune ended with (`prefix="alive"`: which original blocks its compactions kept,
+    None when it never compacted)."""
     path = layout.apt_state
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the finetune stage first")
     state = load_file(str(path))
-    return MaskSet.from_dict({k.removeprefix("masks."): v for k, v in state.items() if k.startswith("masks.")})
+    masks = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    return MaskSet.from_dict(masks) if masks else None
 
 
 def salience_scores(layout: RunLayout) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import dist, updates
+from pipeline import criteria, dist, updates
 from pipeline.adapted import build_adapted_engine
 from pipeline.apt.adapters import (
     adapter_params,
@@ -47,6 +47,7 @@ from pipeline.apt.distill import distill_objective, freeze_adapters
 from pipeline.apt.masks import MaskSet, step_toward
 from pipeline.apt.schedule import remaining_fraction
 from pipeline.apt.state import AptState
+from pipeline.calibration import accumulate
 from pipeline.checkpoints import LATEST, check_checkpoint
 from pipeline.config import FinetuneConfig
 from pipeline.ds_config import load_ds_config, zero_stage
@@ -55,7 +56,7 @@ from pipeline.export import write_compacted_base
 from pipeline.layout import RunLayout
 from pipeline.model_io import model_shape
 from pipeline.resume import ResumePoint, keep_global_batch, latest_meta, resume_point, write_meta
-from pipeline.shape_choice import ShapeChoice, choose_shape, describe, final_remaining
+from pipeline.shape_choice import ShapeChoice, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
 from pipeline.teacher import DTYPES, SharedTeacher, load_teacher, materialize
 from pipeline.tracking import metric_logger
@@ -75,6 +76,8 @@ log = dist.get_logger("apt.finetune")
 
 SHAPE_SEED_OFFSET = 2_000_003
 """The shape-choice batches come in their own order, not the next training batches."""
+ONE_SHOT_SEED_OFFSET = 4_000_037
+"""So do the one-shot schedule's calibration batches."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -132,6 +135,18 @@ class AptFinetuneRecipe:
                               for i in range(self.cfg.pruning.shape_batches)]
         seq_len = self.splits["train"][0]["input_ids"].numel()
         self.tokens_per_step = train.micro_batch_size * train.grad_accum * self.world_size * seq_len
+
+        pruning = self.cfg.pruning
+        # The hooks sum salience only where an update will read it: a gradual schedule of an activation criterion.
+        self.collects_salience = pruning.schedule == "gradual" and criteria.uses_activations(pruning.criterion)
+        if pruning.criterion == "magnitude":
+            dist.barrier()  # rank 0 has written a base built from the config (a run without model.path)
+        self.fixed_scores = criteria.fixed_scores(pruning.criterion, self.layout.base_model, self.original_shape,
+                                                  self.cfg.run.seed)
+        if resume_from is None and pruning.schedule == "one_shot":
+            self.prune_one_shot()
+        if not self.collects_salience:
+            self.salience.detach()
 
     def build(self, vocab_size: int, meta: dict | None, resume_from: ResumePoint | None) -> None:
         """Engine, shapes and APT state: fresh, or the checkpoint's on the base it was written on (the last
@@ -194,9 +209,7 @@ class AptFinetuneRecipe:
         next_step = state.step + 1
         grow_now = apt.grow_every > 0 and next_step % apt.grow_every == 0 and next_step < self.cfg.train.steps
         if apt.distill and state.teacher is None and state.step >= self.cfg.pruning.start_step:
-            state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param,  # collective
-                                            device=self.device)
-            self.teacher = SharedTeacher(state.teacher)
+            self.start_teacher()
         result, step_start = StepResult(), self.salience.pack()
         for micro in range(accum):
             batch = dist.to_device(self.splits["train"][self.batches.indices(state.step, micro)])
@@ -221,6 +234,11 @@ class AptFinetuneRecipe:
             self.overflowed()
             return StepResult(skipped=True)
         return result
+
+    def start_teacher(self) -> None:
+        """Freeze the adapters as the distillation teacher: the model as pruning starts (collective)."""
+        self.state.teacher = freeze_adapters(self.engine.module, read=safe_get_full_fp32_param, device=self.device)
+        self.teacher = SharedTeacher(self.state.teacher)
 
     def overflowed(self) -> None:
         """Count a step DeepSpeed skipped for gradient overflow; salience and rank growth ignore it (every rank)."""
@@ -270,15 +288,41 @@ class AptFinetuneRecipe:
         self.engine = rebuild_engine(self.engine, self.ds_config, optimizer_factory(self.cfg.train),
                                      reshape=lambda model: grow_adapters(model, plan, generator))
 
+    def prune_one_shot(self) -> None:
+        """`pruning.schedule: one_shot`: the final masks from the dense model's scores, fixed before step 0. The cut
+        blocks leave the model at once; without a cut the engine is rebuilt, dropping the calibration's gradients."""
+        pruning, state, train = self.cfg.pruning, self.state, self.cfg.train
+        if self.cfg.apt.distill:
+            self.start_teacher()  # the dense model teaches the pruned one
+        calibrated = criteria.uses_activations(pruning.criterion)
+        if calibrated:
+            order = BatchOrder(len(self.splits["train"]), train.micro_batch_size, 1, self.world_size, self.rank,
+                               self.cfg.run.seed + ONE_SHOT_SEED_OFFSET)
+            accumulate(self.engine, self.salience, [order.indices(i, 0) for i in range(pruning.one_shot_batches)],
+                       self.splits["train"], desc="one-shot scores")
+        state.ema = criteria.block_scores(pruning.criterion, self.salience, self.fixed_scores, state.alive).to("cpu")
+        self.salience.reset()
+        state.target, shapes, choice = search_target(self.shape, state.ema, final_remaining(pruning, self.shape),
+                                                     pruning, measure=self.measure_shapes)
+        state.masks = MaskSet.from_dict({name: mask.clone() for name, mask in state.target.to_dict().items()})
+        set_masks(self.engine.module, state.masks)
+        if dist.is_main():
+            updates.save_update(self.layout.updates, state)
+            log_choice(state.step, self.shape, shapes, choice)
+        if not self.compact() and calibrated:
+            self.engine = rebuild_engine(self.engine, self.ds_config, optimizer_factory(train))
+
     def prune_update(self) -> float:
         """Inside the window, a salience update and a new target; masks move toward it. Returns ρ_t."""
         pruning, state = self.cfg.pruning, self.state
+        if pruning.schedule == "one_shot":  # the masks were fixed before step 0
+            return final_remaining(pruning, self.original_shape)
         rho = remaining_fraction(state.step, start=pruning.start_step, end=pruning.end_step,
                                  final=final_remaining(pruning, self.original_shape))
         if updates.in_update_window(state.step, pruning):
             budget = physical_fraction(rho, self.original_shape, self.shape)
-            shapes, choice = updates.salience_update(
-                self.salience, state, self.shape, budget, self.cfg.apt, pruning, measure=self.measure_shapes)
+            shapes, choice = updates.salience_update(self.salience, state, self.shape, budget, self.cfg.apt, pruning,
+                                                     measure=self.measure_shapes, fixed=self.fixed_scores)
             if dist.is_main():
                 updates.save_update(self.layout.updates, state)
                 log_choice(state.step, self.shape, shapes, choice)
@@ -297,8 +341,9 @@ class AptFinetuneRecipe:
 
     # ---- compaction --------------------------------------------------------------------------------------
 
-    def compact(self) -> None:
-        """Cut blocks whose mask and target reached 0 out of the model when enough of them have (collective)."""
+    def compact(self) -> bool:
+        """Cut blocks whose mask and target reached 0 out of the model when enough of them have (collective).
+        Returns whether it cut."""
         pruning = self.cfg.pruning
         plan = plan_compaction(self.state.masks, self.state.target, self.shape, pruning.attention_mode,
                                min_fraction=pruning.compact_min_fraction) if pruning.compact else None
@@ -308,6 +353,7 @@ class AptFinetuneRecipe:
                                            "params_after": total_params(plan.after),
                                            "step_time_before": self.state.mean_step_time()})
         self.time_compaction()
+        return plan is not None
 
     def cut(self, plan: CompactionPlan) -> None:
         """Slice the engine, its optimizer state, the masks, the EMA and the accumulator; write the smaller base."""
@@ -319,7 +365,8 @@ class AptFinetuneRecipe:
         state.ema = None if state.ema is None else slice_scores(state.ema, plan)
         compacted = compact_accumulator(self.salience, plan)
         self.salience.detach()
-        compacted.attach(self.engine.module)
+        if self.collects_salience:
+            compacted.attach(self.engine.module)
         self.salience, self.shape = compacted, plan.after
         state.alive = narrow_alive(state.alive or MaskSet.ones(plan.before), plan)
         state.base_model = self.layout.compacted_base(state.step)
@@ -351,6 +398,8 @@ class AptFinetuneRecipe:
         event = compactions[-1]
         if self.state.step - event["step"] == 4:
             event["step_time_after"] = self.state.mean_step_time()
+            if event["step_time_before"] is None:  # a one-shot cut before step 0: nothing ran before it
+                return
             log.info("step time %.3fs before the step-%d compaction, %.3fs after (%.2fx)", event["step_time_before"],
                      event["step"], event["step_time_after"], event["step_time_after"] / event["step_time_before"])
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist
+from pipeline import criteria, dist
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
-from pipeline.apt.salience import SalienceAccumulator, ema_update
+from pipeline.apt.salience import SalienceAccumulator, SalienceScores, ema_update
 from pipeline.apt.state import AptState
 from pipeline.shape_choice import ShapeChoice, search_target
 from pipeline.stage import save_tensors
@@ -27,10 +27,12 @@ def in_update_window(step: int, pruning) -> bool:
 
 
 def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning,
-                    measure: Callable[[list[MaskSet]], ShapeChoice] | None = None):
+                    measure: Callable[[list[MaskSet]], ShapeChoice] | None = None,
+                    fixed: SalienceScores | None = None):
     """One all-reduce of every rank's sums and mask checksum; then EMA and the target search, same on all ranks.
 
-    `measure` scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
+    The scores follow `pruning.criterion` (`fixed`: a data-free criterion's scores of the original model). `measure`
+    scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
     `pruning.shape_search=measured`. Sets `state.ema` and `state.target`; returns (candidate shapes, the choice or
     None) for the log."""
     world_size, rank = dist.world_size(), dist.rank()
@@ -45,7 +47,8 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
         raise RuntimeError(f"step {state.step}: ranks {disagree} hold other masks than rank 0; "
                            f"the ranks have diverged (non-deterministic search or corrupted state)")
     # The EMA and the masks are the run's small host-side state (checkpointed, searched on the CPU).
-    state.ema = ema_update(state.ema, salience.scores().to("cpu"), apt.salience_momentum)
+    scores = criteria.block_scores(pruning.criterion, salience, fixed, state.alive).to("cpu")
+    state.ema = ema_update(state.ema, scores, apt.salience_momentum)
     salience.reset()
     state.target, shapes, choice = search_target(shape, state.ema, rho, pruning, measure=measure)
     return shapes, choice

@@ -6,6 +6,10 @@ official APT code's kurtosis of W_:j ∘ X_j — because raw moment sums merge e
 A residual channel is scored at every sublayer output separately (one row of sums per site: o_proj and down_proj
 outputs, 2L sites, the embedding output not among them) and its score is the sum of the per-site scores, never a
 product of sums pooled over sites. Nothing is stored per token: hooks add to per-channel sums.
+
+The same sums score the other activation criteria (`pruning.criterion`): `taylor` is |Σ H_c · ∂L/∂H_c| summed over
+a block's channels before the absolute value (the first-order loss change of zeroing the block, LLM-Pruner's
+group Taylor), `activation` the mean square of H_c (Minitron's activation norm).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from pipeline.apt.adapters import ChannelMask
 from pipeline.apt.blocks import ModelShape
 
 BLOCKS = ("attention", "mlp", "hidden")
-STATS = ("act_abs", "grad_abs", "count", "sum1", "sum2", "sum3", "sum4")
-"""Σ|H|, Σ|∂L/∂H|, n, Σx, Σx², Σx³, Σx⁴ per channel (n per row: every channel of a row sees the same tokens)."""
+STATS = ("act_abs", "grad_abs", "act_grad", "count", "sum1", "sum2", "sum3", "sum4")
+"""Σ|H|, Σ|∂L/∂H|, ΣH·∂L/∂H, n, Σx, Σx², Σx³, Σx⁴ per channel (n per row: every channel of a row sees the same
+tokens). ΣH·∂L/∂H is summed only for the `taylor` criterion (`SalienceAccumulator(products=True)`)."""
+ACTIVATION_CRITERIA = ("apt", "taylor", "activation")
+"""`pruning.criterion` values scored from these sums; `magnitude` and `random` need no activations."""
 ACTIVATION_STATS = ("act_abs", "sum1", "sum2", "sum3", "sum4")
 """The rows of `power_sums`, in order."""
 
@@ -85,8 +92,10 @@ class SalienceAccumulator:
     checkpointing: its recomputed forward would count activations twice.
     """
 
-    def __init__(self, shape: ModelShape, device: torch.device | str | None = None):
+    def __init__(self, shape: ModelShape, device: torch.device | str | None = None, products: bool = False):
         self.shape = shape
+        self.products = products
+        """Also sum H·∂L/∂H (the `taylor` criterion): each hooked activation is kept until its gradient arrives."""
         self.enabled = True
         self.grad_scale = 1.0
         """Divisor for captured gradients: the fp16 loss scale, so sums hold true gradients."""
@@ -118,11 +127,15 @@ class SalienceAccumulator:
             sums[stat][row] += batch_sum
 
     @torch.no_grad()
-    def add_gradients(self, block: str, row: int, grad: torch.Tensor) -> None:
-        """Add a batch of gradients ∂L/∂H [..., C] of one block row, divided by `grad_scale`."""
-        grad_abs = self.sums[block]["grad_abs"]
-        batch_sum = grad.reshape(-1, grad.shape[-1]).float().abs().sum(0).to(torch.float64)
-        grad_abs[row] += batch_sum.to(grad_abs.device) / self.grad_scale
+    def add_gradients(self, block: str, row: int, grad: torch.Tensor, h: torch.Tensor | None = None) -> None:
+        """Add a batch of gradients ∂L/∂H [..., C] of one block row, divided by `grad_scale`; with the
+        activations `h` of the same tokens, also their products."""
+        sums = self.sums[block]
+        flat = grad.reshape(-1, grad.shape[-1]).float()
+        sums["grad_abs"][row] += flat.abs().sum(0).to(sums["grad_abs"].device, torch.float64) / self.grad_scale
+        if h is not None:
+            products = (h.reshape(flat.shape).to(torch.float64) * flat.to(torch.float64)).sum(0)
+            sums["act_grad"][row] += products.to(sums["act_grad"].device) / self.grad_scale
 
     # ---- hooks --------------------------------------------------------------------------------------------
 
@@ -157,11 +170,11 @@ class SalienceAccumulator:
             # leaf that requires grad; the graph below it is unchanged.
             h = h.detach().requires_grad_()
         self.add_activations(block, row, h)
-        h.register_hook(partial(self._on_grad, block, row))
+        h.register_hook(partial(self._on_grad, block, row, h.detach() if self.products else None))
         return (h,)
 
-    def _on_grad(self, block: str, row: int, grad: torch.Tensor) -> None:
-        self.add_gradients(block, row, grad)
+    def _on_grad(self, block: str, row: int, h: torch.Tensor | None, grad: torch.Tensor) -> None:
+        self.add_gradients(block, row, grad, h)
 
     # ---- merge, checkpoint --------------------------------------------------------------------------------
 
@@ -210,19 +223,33 @@ class SalienceAccumulator:
 
     # ---- scores -------------------------------------------------------------------------------------------
 
-    def channel_scores(self, block: str) -> torch.Tensor:
-        """S_c = Σ|∂L/∂H_c|·Σ|H_c| + sqrt(Kurt(H_c)) for every channel of a block, [rows, C] float64."""
+    def channel_scores(self, block: str, criterion: str = "apt") -> torch.Tensor:
+        """Per channel of a block, [rows, C] float64. apt: S_c = Σ|∂L/∂H_c|·Σ|H_c| + sqrt(Kurt(H_c));
+        taylor: ΣH_c·∂L/∂H_c (signed: `scores` takes the absolute value per block); activation: mean H_c²."""
         sums = self.sums[block]
+        if criterion == "taylor":
+            return sums["act_grad"]
+        if criterion == "activation":
+            return sums["sum2"] / sums["count"].clamp_min(1)[:, None]
+        if criterion != "apt":
+            raise ValueError(f"criterion {criterion!r} is not scored from activations; one of {ACTIVATION_CRITERIA}")
         kurtosis = kurtosis_from_moments(sums["count"][:, None], sums["sum1"], sums["sum2"], sums["sum3"], sums["sum4"])
         # Rounding can leave a tiny negative m4 for near-constant channels.
         return sums["grad_abs"] * sums["act_abs"] + kurtosis.clamp_min(0).sqrt()
 
-    def scores(self) -> SalienceScores:
-        """Block salience: a query head sums its head_dim channels, a residual channel its per-site scores."""
+    def scores(self, criterion: str = "apt") -> SalienceScores:
+        """Block salience: a query head sums its head_dim channels, a residual channel its per-site scores
+        (`taylor`: the absolute value of each block's sum, the first-order change of zeroing all of it)."""
+        if criterion == "taylor" and not self.products:
+            raise ValueError("the taylor criterion needs SalienceAccumulator(products=True)")
         shape = self.shape
-        head = self.channel_scores("attention").view(shape.num_layers, shape.num_heads, shape.head_dim).sum(-1)
-        hidden = self.channel_scores("hidden").sum(0)
-        return SalienceScores(head=head, neuron=self.channel_scores("mlp"), hidden=hidden)
+        head = self.channel_scores("attention", criterion).view(shape.num_layers, shape.num_heads,
+                                                                shape.head_dim).sum(-1)
+        scores = SalienceScores(head=head, neuron=self.channel_scores("mlp", criterion),
+                                hidden=self.channel_scores("hidden", criterion).sum(0))
+        if criterion == "taylor":
+            scores = SalienceScores(head=scores.head.abs(), neuron=scores.neuron.abs(), hidden=scores.hidden.abs())
+        return scores
 
 
 def hidden_sites(shape: ModelShape) -> int:

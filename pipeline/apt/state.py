@@ -54,8 +54,9 @@ class AptState:
     def record_step_time(self, seconds: float) -> None:
         self.step_times = [*self.step_times, seconds][-STEP_TIMES_KEPT:]
 
-    def mean_step_time(self) -> float:
-        return sum(self.step_times) / len(self.step_times)
+    def mean_step_time(self) -> float | None:
+        """The mean of the last few steps' wall times; None before the first step."""
+        return sum(self.step_times) / len(self.step_times) if self.step_times else None
 
     def to_checkpoint(self) -> dict:
         """`apt_<field>` -> plain value (tensors, dicts of tensors, numbers), for DeepSpeed's client state."""

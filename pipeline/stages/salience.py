@@ -13,23 +13,21 @@ import json
 from pathlib import Path
 
 import datasets
-import torch
-from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import dist
+from pipeline import criteria, dist
 from pipeline.adapted import build_adapted_engine
 from pipeline.apt.adapters import set_masks
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.compaction import physical_fraction
-from pipeline.apt.salience import SalienceAccumulator
+from pipeline.calibration import accumulate
 from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
 from pipeline.layout import RunLayout, finetune_masks
 from pipeline.model_io import model_shape
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
-from pipeline.training import BatchOrder, halve_loss_scale, loss_scale, seed_everything
+from pipeline.training import BatchOrder, seed_everything
 
 Config = SalienceConfig
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -56,7 +54,7 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
                          cfg.run.seed + CALIBRATION_SEED_OFFSET)
     flat = accumulate(engine, accumulator, [batches.indices(index, 0) for index in range(cfg.salience.batches)],
                       train_split)
-    scores = accumulator.scores()
+    scores = criterion_scores(cfg, layout, accumulator)
     if dist.is_main():
         tensors = {f"sums.{key}": value for key, value in accumulator.state_dict().items()}
         tensors |= {"scores.head": scores.head, "scores.neuron": scores.neuron, "scores.hidden": scores.hidden,
@@ -67,38 +65,13 @@ def run(cfg: SalienceConfig, run_dir: Path) -> dict:
     return {"batches": cfg.salience.batches, "tokens": int(flat[-1].item()), "world_size": world_size}
 
 
-def accumulate(engine, accumulator: SalienceAccumulator, rows: list[list[int]], split) -> torch.Tensor:
-    """Forward and backward over this rank's rows, then one SUM all-reduce of the sums and the token count
-    (the accumulator holds the reduced sums afterwards). Returns the reduced buffer, the token count last."""
-    tokens = torch.zeros(1, dtype=torch.float64, device=dist.device())
-    for index, indices in enumerate(tqdm(rows, desc="salience", disable=not dist.is_main())):
-        batch = dist.to_device(split[indices])
-        while not calibration_step(engine, accumulator, batch):
-            if not engine.fp16_enabled() or loss_scale(engine) <= 1:
-                raise FloatingPointError(f"salience batch {index}: non-finite gradients on some rank; the fine-tuned "
-                                         f"model diverged (check finetune/metrics.jsonl)")
-            log.info("salience batch %d: fp16 gradients overflowed; again at loss scale %g", index,
-                     halve_loss_scale(engine))
-        tokens += batch["input_ids"].numel()
-    accumulator.detach()
-    flat = dist.all_reduce_sum(torch.cat([accumulator.pack(), tokens]))
-    accumulator.load_packed(flat[:-1])
-    return flat
-
-
-def calibration_step(engine, accumulator: SalienceAccumulator, batch: dict) -> bool:
-    """One batch's forward and backward into the sums; False, the sums as they were, when any rank's gradients
-    overflowed (fp16: the loss scale is never tuned here, as no step is taken). Collective: every rank agrees."""
-    before = accumulator.pack()
-    accumulator.grad_scale = dist.world_size() * loss_scale(engine)
-    loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-    engine.backward(loss)
-    engine.zero_grad()
-    overflowed = (~torch.isfinite(accumulator.pack()).all()).double().reshape(1)
-    if dist.all_reduce_sum(overflowed).item() == 0:
-        return True
-    accumulator.load_packed(before)
-    return False
+def criterion_scores(cfg: SalienceConfig, layout: RunLayout, accumulator):
+    """The fine-tuned model's block scores by `pruning.criterion` (the data-free ones: its surviving blocks')."""
+    criterion = cfg.pruning.criterion
+    fixed = criteria.fixed_scores(criterion, layout.base_model, model_shape(layout.base_model,
+                                                                             cfg.model.trust_remote_code),
+                                  cfg.run.seed)
+    return criteria.block_scores(criterion, accumulator, fixed, finetune_masks(layout, "alive"))
 
 
 def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: ModelShape, scores, batch_at) -> None:

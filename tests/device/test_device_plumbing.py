@@ -104,7 +104,7 @@ def test_a_cpu_buffer_given_to_the_dist_helpers_is_reduced_on_the_device(acceler
 
 
 def test_the_salience_stage_accumulates_and_reduces_on_the_device(accelerator, strict):
-    from pipeline.stages.salience import accumulate
+    from pipeline.calibration import accumulate
 
     engine = StandInEngine(tiny_llama())
     accumulator = SalienceAccumulator(ModelShape.from_config(engine.module.config), device=dist.device())
@@ -116,7 +116,7 @@ def test_the_salience_stage_accumulates_and_reduces_on_the_device(accelerator, s
 
 def test_calibration_retries_an_overflowing_fp16_batch_at_a_lower_loss_scale():
     """The salience stage takes no optimizer step, so DeepSpeed never tunes its loss scale: the stage does."""
-    from pipeline.stages.salience import accumulate
+    from pipeline.calibration import accumulate
 
     model = tiny_llama()
     engine = StandInEngine(model, device=torch.device("cpu"), fp16=True)

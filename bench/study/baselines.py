@@ -18,13 +18,14 @@ and the same search; only the ranking differs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from pipeline.apt import weight_scores
 from pipeline.apt.adapters import inject_adapters, set_masks
-from pipeline.apt.blocks import ModelShape, params_per_hidden_channel, params_per_neuron, params_per_query_head
+from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.salience import SalienceScores
 from pipeline.apt.search import search_masks
@@ -33,57 +34,15 @@ from pipeline.shape_choice import choose_shape, describe, search_target
 METHODS = ("magnitude", "random", "taylor")
 
 
-def block_scores(model: nn.Module, weight_score: Callable[[nn.Parameter], torch.Tensor]) -> SalienceScores:
-    """Sum an element-wise score of every weight of a plain HF LLaMA-family model into its blocks.
-
-    A query head owns its q rows and o columns, and 1/g of its KV group's k and v rows (so a group's heads sum
-    to the whole group); a neuron its gate and up rows and down column; a hidden channel its embedding and
-    lm_head columns, its RMSNorm weights and its row or column of every projection.
-    """
-    shape = ModelShape.from_config(model.config)
-    if shape.qkv_bias or shape.o_proj_bias:
-        raise ValueError("the baselines score weight matrices only; models with attention biases are not handled")
-    layers, heads, kv_heads, head_dim = shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim
-    head = torch.zeros(layers, heads, dtype=torch.float64)
-    neuron = torch.zeros(layers, shape.intermediate_size, dtype=torch.float64)
-    hidden = torch.zeros(shape.hidden_size, dtype=torch.float64)
-
-    def score(param: nn.Parameter) -> torch.Tensor:
-        return weight_score(param).detach().to(torch.float64)
-
-    for index, layer in enumerate(model.model.layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        q, k, v, o = (score(getattr(attention, f"{n}_proj").weight) for n in "qkvo")
-        gate, up, down = score(mlp.gate_proj.weight), score(mlp.up_proj.weight), score(mlp.down_proj.weight)
-        kv_group = (k + v).view(kv_heads, head_dim, -1).sum(dim=(1, 2))
-        head[index] = (q.view(heads, head_dim, -1).sum(dim=(1, 2)) + o.view(-1, heads, head_dim).sum(dim=(0, 2))
-                       + kv_group.repeat_interleave(shape.group_size) / shape.group_size)
-        neuron[index] = gate.sum(1) + up.sum(1) + down.sum(0)
-        hidden += q.sum(0) + k.sum(0) + v.sum(0) + gate.sum(0) + up.sum(0) + o.sum(1) + down.sum(1)
-        hidden += score(layer.input_layernorm.weight) + score(layer.post_attention_layernorm.weight)
-    hidden += score(model.model.embed_tokens.weight).sum(0) + score(model.model.norm.weight)
-    if not shape.tie_word_embeddings:
-        hidden += score(model.lm_head.weight).sum(0)
-    return SalienceScores(head=head, neuron=neuron, hidden=hidden)
+def named_weights(model: nn.Module):
+    """A plain HF model's parameters as the (read, contains) pair `pipeline.apt.weight_scores` takes."""
+    params = dict(model.named_parameters())
+    return params.__getitem__, params.__contains__
 
 
 def magnitude_scores(model: nn.Module) -> SalienceScores:
-    """Σw² per block (the squared L2 norm of the block's weights)."""
-    return block_scores(model, lambda param: param.detach().float().square())
-
-
-def random_scores(shape: ModelShape, seed: int) -> SalienceScores:
-    """Scores whose density (score / parameters of the block) is uniform on [0, 1), independently per block."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(*size: int) -> torch.Tensor:
-        return torch.rand(*size, generator=generator, dtype=torch.float64)
-
-    return SalienceScores(
-        head=uniform(shape.num_layers, shape.num_heads) * params_per_query_head(shape),
-        neuron=uniform(shape.num_layers, shape.intermediate_size) * params_per_neuron(shape),
-        hidden=uniform(shape.hidden_size) * params_per_hidden_channel(shape),
-    )
+    """Σw² per block (the squared L2 norm of the block's weights): the pipeline's `magnitude` criterion."""
+    return weight_scores.magnitude_scores(ModelShape.from_config(model.config), *named_weights(model))
 
 
 def taylor_scores(model: nn.Module, batches: Iterable[dict]) -> SalienceScores:
@@ -99,7 +58,10 @@ def taylor_scores(model: nn.Module, batches: Iterable[dict]) -> SalienceScores:
     model.eval()  # the causal-LM loss as at inference (no dropout), as LLM-Pruner takes it
     for batch in batches:
         model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-    scores = block_scores(model, lambda param: (param.detach() * param.grad).abs())
+    named = dict(model.named_parameters())
+    scores = weight_scores.block_scores(ModelShape.from_config(model.config),
+                                        lambda name: named[name].detach() * named[name].grad, torch.abs,
+                                        named.__contains__)
     model.zero_grad(set_to_none=True)
     for param, flag in zip(params, trainable, strict=True):
         param.requires_grad_(flag)

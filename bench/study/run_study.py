@@ -39,11 +39,12 @@ from transformers import AutoModelForCausalLM
 
 from bench.report import environment_lines, write_section
 from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, run_apt, run_config
-from bench.study.baselines import METHODS, magnitude_scores, random_scores, shape_masks, taylor_scores
+from bench.study.baselines import METHODS, magnitude_scores, shape_masks, taylor_scores
 from bench.study.pretrain import PretrainSettings, pretrain
 from bench.study.recover import count_params, evaluate, recover
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.slicing import slice_model
+from pipeline.apt.weight_scores import random_scores
 from pipeline.recipe import SHAPE_SEED_OFFSET
 from pipeline.training import BatchOrder
 

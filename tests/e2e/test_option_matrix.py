@@ -9,6 +9,7 @@ self-distillation under ZeRO-3, the last one, runs since the ranks match layers 
 
 import itertools
 import json
+import typing
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ ROWS = [dict(zip(OPTIONS, values, strict=True)) for values in [
 ]]
 """Eight rows hold every pair of values (a greedy cover took eleven; none exists with six: seven two-valued
 options split three model types' pairs of rows more ways than six rows allow)."""
+RANKINGS = [("taylor", "one_shot"), ("activation", "gradual"), ("magnitude", "gradual"), ("random", "one_shot"),
+            ("activation", "one_shot"), ("random", "gradual"), ("apt", "one_shot"), ("taylor", "gradual")]
+"""Each row's (pruning.criterion, pruning.schedule). Every criterion and schedule runs the chain, one-shot under both
+ZeRO stages, with and without compaction and distillation. The criterion is only the ranking (the rest of the chain
+is the same code, and tests/unit/test_criteria.py checks each ranking), so the rows carry them without covering
+every pair: that would take fifteen rows. The default pair (apt, gradual) runs in every other e2e test."""
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
         "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
@@ -63,14 +70,29 @@ def test_rows_cover_every_pair():
     assert len(ROWS) <= 12  # pairwise, not the full product of 384
 
 
+def test_rows_run_every_criterion_and_schedule():
+    from pipeline.config import PruningSection
+
+    hints = typing.get_type_hints(PruningSection)
+    assert {c for c, _ in RANKINGS} == set(typing.get_args(hints["criterion"]))
+    assert {s for _, s in RANKINGS} == set(typing.get_args(hints["schedule"]))
+    one_shot = [row for row, (_, schedule) in zip(ROWS, RANKINGS, strict=True) if schedule == "one_shot"]
+    for option in ("deepspeed.config", "pruning.compact", "apt.distill"):
+        assert {row[option] for row in one_shot} == set(OPTIONS[option])
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ROWS, ids=row_id)
-def test_combination_runs_the_chain(tmp_path, small_corpus, row):
+@pytest.mark.parametrize("row, ranking", zip(ROWS, RANKINGS, strict=True), ids=[row_id(row) for row in ROWS])
+def test_combination_runs_the_chain(tmp_path, small_corpus, row, ranking):
+    criterion, schedule = ranking
     overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
+    overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}"]
     if row["deepspeed.config"] == Z3:
         overrides.append(f"model.path={user_checkpoint(tmp_path / 'user_model', overrides)}")
     run_chain(tmp_path, small_corpus, overrides)
+    if schedule == "one_shot":
+        assert_pruned_before_step_one(tmp_path / "tiny", compacted=row["pruning.compact"])
 
 
 @pytest.mark.e2e
@@ -79,6 +101,16 @@ def test_combination_runs_the_chain(tmp_path, small_corpus, row):
 def test_the_offload_template_runs_the_chain(tmp_path, small_corpus):
     """ZeRO-3 with optimizer and parameters in CPU memory, the client AdamW allowed (zero_force_ds_cpu_optimizer)."""
     run_chain(tmp_path, small_corpus, ["deepspeed.config=ds_configs/zero3_offload_bf16.json", "train.precision=bf16"])
+
+
+def assert_pruned_before_step_one(run_dir, compacted: bool) -> None:
+    """One-shot: every step trains the final structure (with compaction, a model cut to it before step 1)."""
+    rows = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((run_dir / "finalize" / "masks.json").read_text())
+    assert all(row["remaining"] == pytest.approx(report["remaining_fraction"]) for row in rows)
+    summary = json.loads((run_dir / "finetune" / "manifest.json").read_text())["summary"]
+    assert [event["step"] for event in summary["compactions"]] == ([0] if compacted else [])
+    assert (rows[0]["model_params"] < 1) == compacted
 
 
 def user_checkpoint(directory, overrides: list[str]):

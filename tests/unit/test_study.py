@@ -15,6 +15,7 @@ import torch
 from pipeline import config as config_lib
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.slicing import slice_model
+from pipeline.apt.weight_scores import random_scores
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # bench/ is not an installed package; `python -m pytest` from the root has it already
@@ -52,18 +53,6 @@ def train_split(rows: int = 16, seq_len: int = 12, vocab: int = 128):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
 
 
-def test_block_scores_split_every_weight_once(model):
-    """Every weight lies in exactly one hidden channel, and every attention weight in exactly one head's share."""
-    scores = baselines.magnitude_scores(model)
-    squares = {name: param.detach().double().square().sum() for name, param in model.named_parameters()}
-    torch.testing.assert_close(scores.hidden.sum(), sum(squares.values()))
-    for index in range(model.config.num_hidden_layers):
-        attention = sum(squares[f"model.layers.{index}.self_attn.{n}_proj.weight"] for n in "qkvo")
-        mlp = sum(squares[f"model.layers.{index}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
-        torch.testing.assert_close(scores.head[index].sum(), attention)
-        torch.testing.assert_close(scores.neuron[index].sum(), mlp)
-
-
 @pytest.mark.parametrize("method", ["magnitude", "taylor"])
 def test_a_zeroed_block_scores_zero_and_is_pruned_first(model, method):
     zero_blocks(model)
@@ -93,7 +82,7 @@ def test_masks_meet_the_budget_exactly(model, method, remaining):
     """Within the budget, and the sliced model has exactly the parameters the formula gives."""
     shape = ModelShape.from_config(model.config)
     scores = {"magnitude": lambda: baselines.magnitude_scores(model),
-              "random": lambda: baselines.random_scores(shape, seed=0),
+              "random": lambda: random_scores(shape, seed=0),
               "taylor": lambda: baselines.taylor_scores(model, [train_split()[:4]])}[method]()
     masks = baselines.prune_masks(shape, scores, remaining, PRUNING)
     masks.check_gqa(shape, PRUNING.attention_mode)
@@ -101,14 +90,6 @@ def test_masks_meet_the_budget_exactly(model, method, remaining):
     assert expected <= remaining * total_params(shape)
     sliced = slice_model(model, masks)
     assert recover.count_params(sliced) == expected
-
-
-def test_random_scores_depend_on_the_seed_only():
-    shape = ModelShape.from_config(SimpleNamespace(
-        model_type="llama", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=96, tie_word_embeddings=False))
-    first, again, other = (baselines.random_scores(shape, seed) for seed in (0, 0, 1))
-    assert torch.equal(first.neuron, again.neuron) and not torch.equal(first.neuron, other.neuron)
 
 
 def test_recovery_trains_adapters_and_returns_the_sliced_model(model):
@@ -135,7 +116,7 @@ def test_recovery_on_the_cut_model_equals_recovery_on_the_masked_one(tiny_model,
     cfg = SimpleNamespace(run=config_lib.RunSection(seed=0), apt=config_lib.AptSection(rank=4, alpha=8.0),
                           train=config_lib.TrainSection(steps=3, micro_batch_size=4, lr=1e-2, warmup_steps=1))
     shape = ModelShape.from_config(tiny_model("llama").config)
-    masks = baselines.prune_masks(shape, baselines.random_scores(shape, seed=1), 0.5, pruning)
+    masks = baselines.prune_masks(shape, random_scores(shape, seed=1), 0.5, pruning)
     cut = recover.recover(tiny_model("llama"), masks, train_split(), cfg, compact=True)
     masked = recover.recover(tiny_model("llama"), masks, train_split(), cfg, compact=False)
     ids = train_split()[:2]["input_ids"]

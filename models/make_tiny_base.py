@@ -25,7 +25,7 @@ import yaml
 
 from bench.study.apt_run import prepare_data
 from bench.study.pretrain import SETTINGS_FILE, PretrainSettings, pretrain
-from bench.study.recover import evaluate
+from bench.study.scoring import evaluate
 from pipeline import config as config_lib
 
 OUT = Path("models/tiny-python-docs")

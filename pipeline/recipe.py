@@ -104,6 +104,8 @@ class AptFinetuneRecipe:
         self.cfg = cfg  # its train section changes once, on an elastic resume (grad_accum keeps the global batch)
         self.layout = RunLayout(run_dir, cfg.model)
         self.last_row: dict = {}
+        self.loop_seconds: dict = {}
+        """Wall and CPU (this process, all its threads) seconds of the training loop in this launch."""
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class AptFinetuneRecipe:
         """Step, grow, prune, compact, log, checkpoint: until `train.steps`."""
         train = self.cfg.train
         progress = tqdm(total=train.steps, initial=self.state.step, desc="finetune", disable=not dist.is_main())
+        wall, cpu = time.perf_counter(), time.process_time()
         while self.state.step < train.steps:
             started = time.perf_counter()
             step = self.train_step()
@@ -201,6 +204,8 @@ class AptFinetuneRecipe:
             if self.state.step % train.checkpoint_every == 0 or self.state.step == train.steps:
                 self.save_checkpoint()
         progress.close()
+        self.loop_seconds = {"train_wall_seconds": time.perf_counter() - wall,
+                             "train_cpu_seconds": time.process_time() - cpu}
 
     def train_step(self) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches; a step with an inf/NaN loss is dropped on every rank."""
@@ -471,7 +476,7 @@ class AptFinetuneRecipe:
                    "zero_stage": zero_stage(self.ds_config), "precision": train.precision,
                    "world_size": self.world_size, "skipped_steps": state.skipped_steps,
                    "overflow_steps": state.overflow_steps,
-                   "compactions": state.compactions}
+                   "compactions": state.compactions, **self.loop_seconds}
         adapters = trainable_fp32(self.engine)  # every rank takes part: under ZeRO-3 this gathers partitions
         if dist.is_main():
             save_tensors(state.final_tensors(), self.layout.apt_state)

@@ -1,4 +1,4 @@
-"""The quality study of issue 8: APT against magnitude, random and Taylor pruners on the bundled corpus.
+"""The quality study: APT against other pruners' recipes, every one through the pipeline, on the bundled corpus.
 
 `python -m bench.study.run_study` (from the repository root) runs it end to end; `--quick` gives a few-minute look.
 """

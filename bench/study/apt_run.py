@@ -1,8 +1,7 @@
 """The study's pipeline runs: one config shape for the data prep, APT itself, and the baselines' budget.
 
-`run_config` is the single source of the recovery budget: APT runs the pipeline with it (finetune, salience,
-finalize, merge, eval through `pipeline.run.run_pipeline`, one rank), and `recover.recover` reads the same
-`train` / `apt` / `run` sections for the baselines.
+`run_config` is the single source of the recovery budget: every row of the study runs the pipeline with it (finetune,
+salience, finalize, merge through the driver's own step plan, one rank), its row's overrides on top.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ class RecoverySettings:
     update_every: int = 5
     mask_step: float = 0.1
     calibration_batches: int = 8
-    """Batches of micro_batch_size rows for APT's salience stage and for the Taylor scores."""
+    """Batches of micro_batch_size rows for the salience stage and the one-shot rows' scores."""
     attention_mode: str = "query_in_group"
     """With 2 KV heads a kv_group unit (one KV group in every layer) is ~8% of the model, so the prefix search
     can stop several points under a target; trimming query heads evenly per group (~3%) lands every method closer."""
@@ -84,7 +83,8 @@ def run_config(root: Path, name: str, data: DataSettings, recovery: RecoverySett
                     "grow_every": recovery.grow_every},
             "pruning": {"target_remaining": target_remaining, "start_step": 0, "end_step": recovery.end_step,
                         "update_every": recovery.update_every, "mask_step": recovery.mask_step,
-                        "attention_mode": recovery.attention_mode, "layout": recovery.layout},
+                        "attention_mode": recovery.attention_mode, "layout": recovery.layout,
+                        "one_shot_batches": recovery.calibration_batches},
             "train": {"steps": recovery.steps, "micro_batch_size": recovery.micro_batch_size, "grad_accum": 1,
                       "lr": recovery.lr, "warmup_steps": recovery.warmup_steps, "precision": "fp32",
                       "checkpoint_every": recovery.steps, "eval_batches": 2},

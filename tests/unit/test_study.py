@@ -1,135 +1,105 @@
-"""The quality study's own code (bench/study): baseline scores, masks at the exact budget, recovery, its configs."""
+"""The quality study's own code (bench/study): its rows' configs and ingredients, the run plan, the report."""
 
 from __future__ import annotations
 
-import copy
 import importlib
+import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import datasets
 import pytest
-import torch
-
-from pipeline import config as config_lib
-from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
-from pipeline.apt.slicing import slice_model
-from pipeline.apt.weight_scores import random_scores
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # bench/ is not an installed package; `python -m pytest` from the root has it already
     sys.path.insert(0, str(REPO))
 apt_run = importlib.import_module("bench.study.apt_run")
-baselines = importlib.import_module("bench.study.baselines")
-recover = importlib.import_module("bench.study.recover")
+rows = importlib.import_module("bench.study.rows")
 run_study = importlib.import_module("bench.study.run_study")
-
-PRUNING = config_lib.PruningSection(round_to=8, min_hidden=16)
-ZEROED_LAYER, ZEROED_NEURON, ZEROED_HEAD = 1, 5, 2
+study_report = importlib.import_module("bench.study.study_report")
 
 
-@pytest.fixture
-def model(tiny_model):
-    """hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 96, vocab 128."""
-    return tiny_model("llama")
-
-
-def zero_blocks(model) -> None:
-    """Zero one MLP neuron (gate and up rows, down column) and one query head (q rows, o columns)."""
-    layer = model.model.layers[ZEROED_LAYER]
-    head_dim = layer.self_attn.head_dim
-    rows = slice(ZEROED_HEAD * head_dim, (ZEROED_HEAD + 1) * head_dim)
-    with torch.no_grad():
-        layer.mlp.gate_proj.weight[ZEROED_NEURON] = 0
-        layer.mlp.up_proj.weight[ZEROED_NEURON] = 0
-        layer.mlp.down_proj.weight[:, ZEROED_NEURON] = 0
-        layer.self_attn.q_proj.weight[rows] = 0
-        layer.self_attn.o_proj.weight[:, rows] = 0
-
-
-def train_split(rows: int = 16, seq_len: int = 12, vocab: int = 128):
-    ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(3))
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
-
-
-@pytest.mark.parametrize("method", ["magnitude", "taylor"])
-def test_a_zeroed_block_scores_zero_and_is_pruned_first(model, method):
-    zero_blocks(model)
-    batches = [train_split()[:4], train_split()[4:8]]
-    scores = baselines.magnitude_scores(model) if method == "magnitude" else baselines.taylor_scores(model, batches)
-    assert scores.neuron[ZEROED_LAYER, ZEROED_NEURON] == 0
-    assert int(scores.neuron[ZEROED_LAYER].argmin()) == ZEROED_NEURON
-    assert scores.neuron[ZEROED_LAYER].sort().values[1] > 0  # the only zero
-    shape = ModelShape.from_config(model.config)
-    masks = baselines.prune_masks(shape, scores, 0.8, PRUNING)
-    assert masks.neuron_mask[ZEROED_LAYER, ZEROED_NEURON] == 0
-    assert 0 < masks.neuron_mask[ZEROED_LAYER].sum() < shape.intermediate_size  # pruned while others were kept
-
-
-def test_taylor_scores_leave_the_model_as_they_found_it(model):
-    model.requires_grad_(False)
-    before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    baselines.taylor_scores(model, [train_split()[:4]])
-    for name, param in model.named_parameters():
-        assert not param.requires_grad and param.grad is None
-        assert torch.equal(param, before[name])
-
-
-@pytest.mark.parametrize("method", baselines.METHODS)
-@pytest.mark.parametrize("remaining", [0.7, 0.5, 0.3])
-def test_masks_meet_the_budget_exactly(model, method, remaining):
-    """Within the budget, and the sliced model has exactly the parameters the formula gives."""
-    shape = ModelShape.from_config(model.config)
-    scores = {"magnitude": lambda: baselines.magnitude_scores(model),
-              "random": lambda: random_scores(shape, seed=0),
-              "taylor": lambda: baselines.taylor_scores(model, [train_split()[:4]])}[method]()
-    masks = baselines.prune_masks(shape, scores, remaining, PRUNING)
-    masks.check_gqa(shape, PRUNING.attention_mode)
-    expected = remaining_params(shape, kept_sizes(masks))
-    assert expected <= remaining * total_params(shape)
-    sliced = slice_model(model, masks)
-    assert recover.count_params(sliced) == expected
-
-
-def test_recovery_trains_adapters_and_returns_the_sliced_model(model):
-    shape = ModelShape.from_config(model.config)
-    masks = baselines.prune_masks(shape, baselines.magnitude_scores(model), 0.5, PRUNING)
-    untrained = slice_model(copy.deepcopy(model), masks)
-    cfg = SimpleNamespace(run=config_lib.RunSection(seed=0), apt=config_lib.AptSection(rank=4, alpha=8.0),
-                          train=config_lib.TrainSection(steps=2, micro_batch_size=4, lr=1e-2, warmup_steps=0))
-    recovered = recover.recover(model, masks, train_split(), cfg)
-    assert not hasattr(recovered, "apt_masks")  # merged: a plain LlamaForCausalLM
-    assert recovered.config.hidden_size == int(masks.hidden_mask.sum())
-    assert recover.count_params(recovered) == remaining_params(shape, kept_sizes(masks))
-    ids = train_split()[:2]["input_ids"]
-    with torch.no_grad():
-        after, before = recovered(input_ids=ids).logits, untrained(input_ids=ids).logits
-    assert torch.isfinite(after).all() and not torch.allclose(after, before)  # the adapters learned something
-    assert recover.evaluate(recovered, train_split()) > 1
-
-
-@pytest.mark.parametrize("mode", ["kv_group", "query_in_group"])
-def test_recovery_on_the_cut_model_equals_recovery_on_the_masked_one(tiny_model, mode):
-    """Cutting the pruned blocks out before training changes the cost, not what is learned."""
-    pruning = config_lib.PruningSection(attention_mode=mode, round_to=8, min_hidden=16)
-    cfg = SimpleNamespace(run=config_lib.RunSection(seed=0), apt=config_lib.AptSection(rank=4, alpha=8.0),
-                          train=config_lib.TrainSection(steps=3, micro_batch_size=4, lr=1e-2, warmup_steps=1))
-    shape = ModelShape.from_config(tiny_model("llama").config)
-    masks = baselines.prune_masks(shape, random_scores(shape, seed=1), 0.5, pruning)
-    cut = recover.recover(tiny_model("llama"), masks, train_split(), cfg, compact=True)
-    masked = recover.recover(tiny_model("llama"), masks, train_split(), cfg, compact=False)
-    ids = train_split()[:2]["input_ids"]
-    with torch.no_grad():
-        torch.testing.assert_close(cut(input_ids=ids).logits, masked(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+def row_config(tmp_path, method: str, target: float = 0.5, preset: str = "full"):
+    for folder in ("pretrained", "data/prep/tokenizer"):  # what `prepare` leaves for every run
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    args = run_study.parse_args(["--out", str(tmp_path)] + (["--quick"] if preset == "quick" else []))
+    return run_study.method_config(args, method, target, seed=1, port=29999)
 
 
 @pytest.mark.parametrize("preset", ["full", "quick"])
-def test_presets_give_valid_pipeline_configs(tmp_path, preset):
-    """The APT runs' configs load (pruning window, mask steps and train steps agree) for every target."""
+def test_every_row_gives_a_valid_pipeline_config(tmp_path, preset):
+    """The configs load (pruning window, mask steps and train steps agree) for every row and target."""
     settings = run_study.PRESETS[preset]
-    for target in run_study.TARGETS:
-        cfg = apt_run.run_config(tmp_path, "apt", settings.data, settings.recovery, model_path=tmp_path,
-                                 tokenizer_path=tmp_path, target_remaining=target)
-        assert cfg.pruning.end_step < cfg.train.steps and cfg.deepspeed.num_gpus == 1
-        assert cfg.train.steps == settings.recovery.steps and cfg.apt.rank == settings.recovery.rank
+    for method in rows.ROWS:
+        for target in (*run_study.TARGETS, 1.0):
+            cfg = row_config(tmp_path, method, target, preset)
+            assert cfg.deepspeed.num_gpus == 1 and cfg.run.seed == 1 and cfg.deepspeed.master_port == 29999
+            assert cfg.train.steps == settings.recovery.steps and cfg.apt.rank == settings.recovery.rank
+
+
+def test_rows_differ_from_apt_only_in_their_recipe(tmp_path):
+    """Equal recovery: the one-shot rows keep APT's distillation, growth, steps and tokens; LLM-Pruner's has neither."""
+    apt = rows.ingredients(row_config(tmp_path, "apt"))
+    assert apt | {"criterion": "apt", "schedule": "gradual"} == apt and apt["distill"] and apt["grow"]
+    assert apt["teacher_forwards"] == apt["steps"]  # the window starts at step 0
+    for method in rows.EQUAL_RECOVERY:
+        got = rows.ingredients(row_config(tmp_path, method))
+        assert got == apt | {"criterion": method, "schedule": "one_shot", "calibration_batches": 8}
+    llm_pruner = rows.ingredients(row_config(tmp_path, "llm-pruner"))
+    assert llm_pruner == apt | {"criterion": "taylor", "schedule": "one_shot", "calibration_batches": 8,
+                                "distill": False, "grow": False, "teacher_forwards": 0}
+
+
+def test_the_plan_runs_every_row_seed_first(tmp_path):
+    args = run_study.parse_args(["--out", str(tmp_path)])
+    planned = run_study.planned_runs(args)
+    assert len(planned) == len(set(planned)) == 3 * (1 + 3 * len(rows.MAIN)) + len(rows.ABLATIONS)
+    assert [seed for _, _, seed in planned] == sorted(seed for _, _, seed in planned)
+    assert {(m, t) for m, t, s in planned if m == rows.LORA} == {(rows.LORA, 1.0)}
+    part = run_study.parse_args(["--out", str(tmp_path), "--targets", "0.5", "--seeds", "2", "--methods", "apt"])
+    assert run_study.planned_runs(part) == [("apt", 0.5, 2)]
+
+
+def metrics(tmp_path, remaining: list[float]) -> Path:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps({"step": i + 1, "remaining": r}) for i, r in enumerate(remaining)))
+    return path
+
+
+def test_steps_at_the_final_structure(tmp_path):
+    assert run_study.final_structure_steps(metrics(tmp_path, [0.5] * 6)) == 6  # one-shot: every step
+    assert run_study.final_structure_steps(metrics(tmp_path, [1.0, 0.8, 0.5, 0.6, 0.5, 0.5])) == 1  # step 6 only
+
+
+def record(method, target, seed, perplexity, wall=10.0):
+    return {"method": method, "target": target, "seed": seed, "params": 500, "perplexity": perplexity,
+            "kept": {"hidden": 64, "heads": 4, "kv_heads": 2, "neurons": 96}, "final_structure_steps": 40,
+            "ingredients": {"criterion": "apt", "schedule": "gradual", "distill": True, "grow": True,
+                            "shape_search": "measured", "steps": 96, "tokens": 98304, "teacher_forwards": 96,
+                            "calibration_batches": 0},
+            "pipeline_seconds": 60.0, "finetune_wall_seconds": wall, "finetune_cpu_seconds": wall}
+
+
+def test_the_report_is_rebuilt_from_the_records_alone(tmp_path):
+    """--from-results writes the section and the plot from study.json; a loss is reported as one."""
+    runs = [record(m, 0.5, s, p + s) for m, p in (("apt", 20.0), ("taylor", 19.0), ("activation", 25.0),
+                                                   ("magnitude", 26.0), ("random", 30.0), ("llm-pruner", 24.0))
+            for s in (0, 1, 2)]
+    runs += [record("apt", 0.3, s, 30.0 + s) for s in (0, 1, 2)] + [record("taylor", 0.3, s, 35.0) for s in (0, 1, 2)]
+    runs += [record(rows.LORA, 1.0, s, 9.0, wall=8.0) for s in (0, 1, 2)]
+    results = {"settings": {"targets": [0.5, 0.3], "seeds": [0, 1, 2],
+                            "pretrain": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                         "intermediate_size": 96, "steps": 10},
+                            "recovery": {"steps": 96, "micro_batch_size": 8, "rank": 8, "lr": 2e-3,
+                                         "adapter_targets": ["q_proj"]}},
+               "data": {"vocab_size": 1024, "seq_len": 128, "train_blocks": 100, "validation_blocks": 10},
+               "dense": {"params": 1000, "perplexity": 9.0, "embedding_share": 0.3},
+               "runs": runs, "wall_seconds": 60.0, "jobs": 2, "threads": 1, "environment": ["- machine: test"]}
+    study_json, results_md, plot = tmp_path / "study.json", tmp_path / "RESULTS.md", tmp_path / "plot.png"
+    study_json.write_text(json.dumps(results))
+    run_study.main(["--from-results", str(study_json), "--results", str(results_md), "--plot", str(plot)])
+    section = results_md.read_text()
+    assert study_report.SECTION in section and plot.is_file()
+    assert "by more than the seed spread at: 0.3" in section and "not at: 0.5" in section
+    assert "+5.0% ± 0.3% vs taylor (3 seeds)" in section  # APT loses at 0.5, plainly
+    assert "1.25× ± 0.00 at 0.5" in section  # APT's finetune time over LoRA's
+    assert section.count("| LLM-Pruner's recipe |") == 3 + 3  # quality header, ingredients, cost; three runs

@@ -1,0 +1,57 @@
+"""The study's rows: each pruner's recipe as pipeline config overrides, and what each row got.
+
+Every row runs the whole pipeline (prep → finetune → salience → finalize → merge) with the same data, steps,
+adapters and budget; a row changes only what its recipe changes. The equal-recovery rows differ from APT in the
+criterion and the schedule alone (distillation and rank growth on, as in APT); LLM-Pruner's row is that recipe as
+its authors run it (one-shot Taylor, then LoRA), a reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    overrides: dict = field(default_factory=dict)
+    """Pipeline config sections to update (`apt_run.run_config`)."""
+
+
+ONE_SHOT = {"schedule": "one_shot"}
+ROWS = {
+    "apt": Row("APT (pipeline defaults)"),
+    "taylor": Row("Taylor one-shot", {"pruning": {"criterion": "taylor", **ONE_SHOT}}),
+    "activation": Row("activation one-shot (Minitron)", {"pruning": {"criterion": "activation", **ONE_SHOT}}),
+    "magnitude": Row("magnitude one-shot", {"pruning": {"criterion": "magnitude", **ONE_SHOT}}),
+    "random": Row("random one-shot", {"pruning": {"criterion": "random", **ONE_SHOT}}),
+    "llm-pruner": Row("LLM-Pruner's recipe", {"pruning": {"criterion": "taylor", **ONE_SHOT},
+                                              "apt": {"distill": False, "grow_every": 0}}),
+    "apt-no-growth": Row("APT, no rank growth", {"apt": {"grow_every": 0}}),
+    "apt-no-distill": Row("APT, no self-distillation", {"apt": {"distill": False}}),
+    "apt-global": Row("APT, global density search", {"pruning": {"shape_search": "global"}}),
+    "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
+                                                             "apt": {"distill": False, "grow_every": 0}}),
+}
+EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
+"""The rows with APT's whole recovery (adapters, growth, distillation, compaction, shape search)."""
+MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
+"""Run at every target and seed."""
+ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global")
+"""Run at ABLATION_TARGET with the first seed."""
+ABLATION_TARGET = 0.5
+LORA = "lora"
+"""Run at target 1.0 (nothing pruned, masks all ones, no hooks) with every seed: the finetune-time reference."""
+
+
+def ingredients(cfg) -> dict:
+    """What a run's recovery consisted of, read from its pipeline config."""
+    pruning, apt, train = cfg.pruning, cfg.apt, cfg.train
+    teacher_steps = 0
+    if apt.distill:
+        teacher_steps = train.steps if pruning.schedule == "one_shot" else train.steps - pruning.start_step
+    return {"criterion": pruning.criterion, "schedule": pruning.schedule, "distill": apt.distill,
+            "grow": apt.grow_every > 0, "steps": train.steps,
+            "tokens": train.steps * train.micro_batch_size * train.grad_accum * cfg.data.seq_len,
+            "teacher_forwards": teacher_steps, "shape_search": pruning.shape_search,
+            "calibration_batches": pruning.one_shot_batches if pruning.schedule == "one_shot" else 0}

@@ -220,16 +220,29 @@ def run(args: argparse.Namespace) -> dict:
                      "environment": environment_lines(), "jobs": args.jobs, "threads": args.threads}
 
 
+def earlier_parts(study_json: Path) -> list[dict]:
+    """The parts an existing study.json records (a study run in parts lists each one's command and wall time)."""
+    if not study_json.is_file():
+        return []
+    earlier = json.loads(study_json.read_text())
+    if "parts" in earlier:
+        return earlier["parts"]
+    return [{"command": earlier["command"], "wall_seconds": earlier["wall_seconds"]}] if "command" in earlier else []
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # the dense model's evaluation here, and what the report says
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the DeepSpeed rank of each run inherits it
     transformers.utils.logging.disable_progress_bar()
     command = shlex.join([os.path.relpath(sys.executable), "-m", "bench.study.run_study", *argv])
     if args.from_results is not None:
         results = json.loads(args.from_results.read_text())
     else:
-        results = run(args) | {"command": command}
+        results = run(args)
+        results["parts"] = earlier_parts(args.json) + [{"command": command, "wall_seconds": results["wall_seconds"],
+                                                         "runs_done_here": len(planned_runs(args))}]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(results, indent=2) + "\n")
     study_report.plot(results, args.plot)

@@ -12,6 +12,15 @@ from bench.study.rows import ABLATION_TARGET, ABLATIONS, EQUAL_RECOVERY, LORA, M
 SECTION = "## Quality: APT against other pruners at equal recovery"
 
 
+def targets(results: dict) -> list[float]:
+    """The pruning targets the records hold (parts of a study may have run different ones), largest first."""
+    return sorted({run["target"] for run in results["runs"] if run["method"] != LORA}, reverse=True)
+
+
+def seeds(results: dict) -> list[int]:
+    return sorted({run["seed"] for run in results["runs"]})
+
+
 def runs_of(results: dict, method: str, target: float) -> list[dict]:
     return [run for run in results["runs"] if run["method"] == method and run["target"] == target]
 
@@ -56,7 +65,7 @@ def quality_table(results: dict) -> str:
     header = "| target | " + " | ".join(ROWS[m].label for m in MAIN) + " | APT vs best equal-recovery row |"
     lines = [header, "|---:|" + "---:|" * len(MAIN) + "---|",
              f"| 1.0 (dense) | {dense['perplexity']:.2f} |" + " |" * (len(MAIN) - 1) + " – |"]
-    for target in results["settings"]["targets"]:
+    for target in targets(results):
         cells = []
         for method in MAIN:
             stat = summary(results, method, target)
@@ -69,7 +78,7 @@ def quality_table(results: dict) -> str:
 def verdict(results: dict) -> str:
     """Where APT is lowest against the equal-recovery rows by more than the seed spread, and where not."""
     wins, others = [], []
-    for target in results["settings"]["targets"]:
+    for target in targets(results):
         text, clear = apt_margin(results, target)
         if clear is not None:
             (wins if clear else others).append(f"{target} ({text})")
@@ -114,7 +123,7 @@ def lora_ratio(results: dict) -> str:
     """APT's finetune wall time over LoRA's on the dense model, per seed (at each target)."""
     lora = {r["seed"]: r["finetune_wall_seconds"] for r in results["runs"] if r["method"] == LORA}
     parts = []
-    for target in results["settings"]["targets"]:
+    for target in targets(results):
         ratios = [r["finetune_wall_seconds"] / lora[r["seed"]] for r in runs_of(results, "apt", target)
                   if r["seed"] in lora]
         if ratios:
@@ -125,7 +134,7 @@ def lora_ratio(results: dict) -> str:
 
 
 def ablation_table(results: dict) -> str:
-    seed = results["settings"]["seeds"][0]
+    seed = seeds(results)[0]
     runs = {r["method"]: r for r in results["runs"] if r["target"] == ABLATION_TARGET and r["seed"] == seed}
     lines = [f"| variant (target {ABLATION_TARGET}, seed {seed}) | perplexity | remaining | vs APT |",
              "|---|---:|---:|---:|"]
@@ -156,10 +165,12 @@ def detail_table(results: dict) -> str:
 def setting_lines(results: dict) -> list[str]:
     settings, data, dense = results["settings"], results["data"], results["dense"]
     model, recovery = settings["pretrain"], settings["recovery"]
+    parts = results.get("parts") or [{"command": results.get("command", "?"), "wall_seconds": results["wall_seconds"]}]
     return [
         *results["environment"],
-        f"- wall time: **{results['wall_seconds'] / 60:.1f} min** for this part ({results['jobs']} pipelines at "
-        f"once, {results['threads']} torch thread each); records of earlier parts are merged in",
+        f"- wall time: **{sum(part['wall_seconds'] for part in parts) / 60:.1f} min** in {len(parts)} part(s) "
+        f"({results['jobs']} pipelines at once, {results['threads']} torch thread each): "
+        + "; ".join(f"`{part['command']}` {part['wall_seconds'] / 60:.1f} min" for part in parts),
         f"- data: SentencePiece BPE (vocabulary {data['vocab_size']}) on `data/python-docs.jsonl`, seq_len "
         f"{data['seq_len']}: {data['train_blocks']} train blocks, {data['validation_blocks']} validation blocks",
         f"- model: LlamaForCausalLM, hidden {model['hidden_size']}, {model['num_layers']} layers, {model['num_heads']} "
@@ -169,7 +180,7 @@ def setting_lines(results: dict) -> list[str]:
         f"- every row: the whole pipeline on one DeepSpeed rank (ZeRO-2, CPU, fp32), {recovery['steps']} steps × "
         f"{recovery['micro_batch_size']} sequences, adapters rank {recovery['rank']} on "
         f"{', '.join(recovery['adapter_targets'])}, lr {recovery['lr']}; the rows differ only as the ingredients "
-        f"table says; seeds {', '.join(map(str, settings['seeds']))} (run.seed: data order, adapter init, random "
+        f"table says; seeds {', '.join(map(str, seeds(results)))} (run.seed: data order, adapter init, random "
         f"scores)",
         "- every export is scored by one function (token-weighted perplexity over all validation blocks); remaining "
         "= parameters of the exported model / dense parameters",
@@ -178,7 +189,7 @@ def setting_lines(results: dict) -> list[str]:
 
 def report(results: dict, json_path: str, plot_path: str) -> str:
     return "\n".join([
-        SECTION, "", f"`{results.get('command', 'python -m bench.study.run_study')}`", "", *setting_lines(results), "",
+        SECTION, "", *setting_lines(results), "",
         "What each row's recovery consisted of:", "", ingredients_table(results), "",
         "Held-out perplexity after recovery, mean ± std over seeds (mean remaining fraction); the last column is "
         "APT's perplexity relative to the best equal-recovery row, per seed, mean ± std (negative: APT lower):", "",
@@ -195,7 +206,7 @@ def plot(results: dict, path: Path) -> None:
     figure = Figure(figsize=(6.5, 4.2))  # no pyplot: no global state, no display
     axis = figure.subplots()
     for index, method in enumerate(MAIN):
-        stats = [s for t in results["settings"]["targets"] if (s := summary(results, method, t)) is not None]
+        stats = [s for t in targets(results) if (s := summary(results, method, t)) is not None]
         if stats:
             stats.sort(key=lambda s: s["fraction"])
             axis.errorbar([s["fraction"] for s in stats], [s["mean"] for s in stats], yerr=[s["std"] for s in stats],

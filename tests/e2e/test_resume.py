@@ -38,7 +38,8 @@ def finetune_summary(run_dir) -> dict:
     compactions = [{key: value for key, value in event.items() if not key.startswith("step_time")}
                    for event in summary["compactions"]]
     assert all("step_time_before" in event for event in summary["compactions"])
-    return summary | {"compactions": compactions}
+    assert summary["train_wall_seconds"] > 0 and summary["train_cpu_seconds"] > 0
+    return {key: value for key, value in summary.items() if not key.endswith("_seconds")} | {"compactions": compactions}
 
 
 def step_metrics(run_dir) -> dict[int, dict]:

@@ -149,6 +149,7 @@ def bare_recipe(tiny_config, tmp_path, engine, *overrides):
     recipe.salience = SalienceAccumulator(recipe.shape, device=recipe.device)
     recipe.salience.attach(engine.module)
     recipe.state, recipe.teacher = AptState.start(recipe.shape, growth_budget=0.0), None
+    recipe.fixed_scores, recipe.collects_salience = None, True  # the default criterion: scored from the sums
     split = rows()
     recipe.splits = {"train": split}
     recipe.batches = BatchOrder(len(split), 2, 1, recipe.world_size, 0, 0)

@@ -170,7 +170,9 @@ def setting_lines(results: dict) -> list[str]:
         *results["environment"],
         f"- wall time: **{sum(part['wall_seconds'] for part in parts) / 60:.1f} min** in {len(parts)} part(s) "
         f"({results['jobs']} pipelines at once, {results['threads']} torch thread each): "
-        + "; ".join(f"`{part['command']}` {part['wall_seconds'] / 60:.1f} min" for part in parts),
+        + "; ".join(f"`{part['command']}` {part['wall_seconds'] / 60:.1f} min" for part in parts)
+        + f"; the runs' pipelines took {sum(run['pipeline_seconds'] for run in results['runs']) / 60:.1f} min in all "
+        f"(one after another; a part that found a run's record reused it)",
         f"- data: SentencePiece BPE (vocabulary {data['vocab_size']}) on `data/python-docs.jsonl`, seq_len "
         f"{data['seq_len']}: {data['train_blocks']} train blocks, {data['validation_blocks']} validation blocks",
         f"- model: LlamaForCausalLM, hidden {model['hidden_size']}, {model['num_layers']} layers, {model['num_heads']} "

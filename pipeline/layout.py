@@ -112,9 +112,20 @@ class RunLayout:
         return self.run_dir / "eval" / "metrics.json"
 
 
-def finetune_masks(layout: RunLayout, prefix: str = "masks") -> MaskSet | None:
-    """The binary masks the fine-tune ended with (`prefix="alive"`: which original blocks its compactions kept,
-    None when it never compacted)."""
+def finetune_masks(layout: RunLayout) -> MaskSet:
+    """The binary masks the fine-tune ended with, over the (possibly compacted) tuned base's blocks."""
+    masks = _state_masks(layout, "masks")
+    if masks is None:
+        raise ValueError(f"{layout.apt_state} holds no masks; rerun the finetune stage")
+    return masks
+
+
+def compaction_survivors(layout: RunLayout) -> MaskSet | None:
+    """Which of the original model's blocks the fine-tune's compactions kept; None when it never compacted."""
+    return _state_masks(layout, "alive")
+
+
+def _state_masks(layout: RunLayout, prefix: str) -> MaskSet | None:
     path = layout.apt_state
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the finetune stage first")

@@ -29,7 +29,8 @@ def in_update_window(step: int, pruning) -> bool:
 def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning,
                     measure: Callable[[list[MaskSet]], ShapeChoice] | None = None,
                     fixed: SalienceScores | None = None):
-    """One all-reduce of every rank's sums and mask checksum; then EMA and the target search, same on all ranks.
+    """One all-reduce of every rank's sums (none for a data-free criterion) and mask checksum; then EMA and the
+    target search, same on all ranks.
 
     The scores follow `pruning.criterion` (`fixed`: a data-free criterion's scores of the original model). `measure`
     scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
@@ -37,10 +38,13 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
     None) for the log."""
     world_size, rank = dist.world_size(), dist.rank()
     packed = salience.pack()  # on the accumulator's device: the ranks' sums never leave it before the reduce
+    if fixed is not None:  # a data-free criterion: no sums to reduce (the hooks never ran), the checksum alone
+        packed = packed[:0]
     checksums = torch.zeros(world_size, dtype=torch.float64, device=packed.device)
     checksums[rank] = mask_checksum(state.target)
     flat = dist.all_reduce_sum(torch.cat([packed, checksums]))
-    salience.load_packed(flat[:-world_size])
+    if fixed is None:
+        salience.load_packed(flat[:-world_size])
     sums = flat[-world_size:].tolist()
     disagree = [r for r in range(world_size) if sums[r] != sums[0]]
     if disagree:

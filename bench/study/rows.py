@@ -16,6 +16,8 @@ class Row:
     label: str
     overrides: dict = field(default_factory=dict)
     """Pipeline config sections to update (`apt_run.run_config`)."""
+    recovery: dict = field(default_factory=dict)
+    """RecoverySettings fields to replace (settings the pipeline config derives from the step count)."""
 
 
 ONE_SHOT = {"schedule": "one_shot"}
@@ -30,6 +32,7 @@ ROWS = {
     "apt-no-growth": Row("APT, no rank growth", {"apt": {"grow_every": 0}}),
     "apt-no-distill": Row("APT, no self-distillation", {"apt": {"distill": False}}),
     "apt-global": Row("APT, global density search", {"pruning": {"shape_search": "global"}}),
+    "apt-early": Row("APT, pruning window ends at 30% of the steps", recovery={"window_fraction": 0.3}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
                                                              "apt": {"distill": False, "grow_every": 0}}),
 }
@@ -37,8 +40,8 @@ EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 """The rows with APT's whole recovery (adapters, growth, distillation, compaction, shape search)."""
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
-ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global")
-"""Run at ABLATION_TARGET with the first seed."""
+ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early")
+"""Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
 ABLATION_TARGET = 0.5
 LORA = "lora"
 """Run at target 1.0 (nothing pruned, masks all ones, no hooks) with every seed: the finetune-time reference."""

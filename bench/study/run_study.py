@@ -5,7 +5,7 @@
 2. pretrain: a small GQA LLaMA from scratch on the train split (reused when it exists with the same settings).
 3. every row (`bench/study/rows.py`) at each target remaining fraction and seed: the whole pipeline on one rank with
    the row's `pruning.criterion` / `pruning.schedule` / `apt` overrides and the same steps, data and adapters.
-   APT's ablations run at 0.5 with the first seed; LoRA on the dense model (target 1.0) with every seed, for the
+   APT's ablations run at 0.5 with every seed; LoRA on the dense model (target 1.0) with every seed, for the
    finetune-time ratio.
 4. score every export with one function on the same validation blocks; write bench/results/study.json (every
    number the report prints), the section of bench/RESULTS.md, and the plot.
@@ -139,11 +139,11 @@ def embedding_share(model) -> float:
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     """(method, target, seed) of every run, seed-major, so a study cut short still compares every row."""
     runs = []
-    for index, seed in enumerate(args.seeds):
+    for seed in args.seeds:
         runs += [(LORA, 1.0, seed)] if LORA in args.methods else []
         for target in args.targets:
             runs += [(method, target, seed) for method in MAIN if method in args.methods]
-        if index == 0 and ABLATION_TARGET in args.targets:
+        if ABLATION_TARGET in args.targets:
             runs += [(method, ABLATION_TARGET, seed) for method in ABLATIONS if method in args.methods]
     return runs
 
@@ -156,7 +156,8 @@ def method_config(args: argparse.Namespace, method: str, target: float, seed: in
     """The pipeline config of one (method, target, seed): run.seed = seed, the row's overrides."""
     overrides = {section: dict(values) for section, values in ROWS[method].overrides.items()}
     overrides["deepspeed"] = {"master_port": port}
-    return run_config(args.out, run_name(method, target, seed), args.preset.data, args.preset.recovery,
+    recovery = dataclasses.replace(args.preset.recovery, **ROWS[method].recovery)
+    return run_config(args.out, run_name(method, target, seed), args.preset.data, recovery,
                       model_path=args.out / "pretrained", tokenizer_path=args.out / "data" / "prep" / "tokenizer",
                       target_remaining=target, seed=seed, overrides=overrides)
 

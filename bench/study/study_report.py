@@ -134,17 +134,20 @@ def lora_ratio(results: dict) -> str:
 
 
 def ablation_table(results: dict) -> str:
-    seed = seeds(results)[0]
-    runs = {r["method"]: r for r in results["runs"] if r["target"] == ABLATION_TARGET and r["seed"] == seed}
-    lines = [f"| variant (target {ABLATION_TARGET}, seed {seed}) | perplexity | remaining | vs APT |",
-             "|---|---:|---:|---:|"]
+    """APT's variants at ABLATION_TARGET: perplexity over seeds, and the change against APT on the same seed."""
+    lines = [f"| variant (target {ABLATION_TARGET}) | seeds | perplexity (mean ± std) | remaining | steps at final "
+             "structure | vs APT, per seed (mean ± std) |", "|---|---:|---:|---:|---:|---:|"]
     for method in ("apt", *ABLATIONS):
-        if method in runs:
-            run = runs[method]
-            change = ("–" if method == "apt" or "apt" not in runs
-                      else f"{100 * (run['perplexity'] / runs['apt']['perplexity'] - 1):+.1f}%")
-            lines.append(f"| {ROWS[method].label} | {run['perplexity']:.2f} | "
-                         f"{run['params'] / results['dense']['params']:.3f} | {change} |")
+        stat = summary(results, method, ABLATION_TARGET)
+        if stat is None:
+            continue
+        runs = runs_of(results, method, ABLATION_TARGET)
+        diffs = per_seed_change(results, method, "apt", ABLATION_TARGET) if method != "apt" else []
+        change = "–" if not diffs else (f"{statistics.fmean(diffs):+.1f}% ± "
+                                        f"{statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}%")
+        steps = statistics.fmean(run["final_structure_steps"] for run in runs)
+        lines.append(f"| {ROWS[method].label} | {stat['n']} | {stat['mean']:.2f} ± {stat['std']:.2f} | "
+                     f"{stat['fraction']:.3f} | {steps:.0f} | {change} |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from pipeline.apt.compaction import physical_fraction
 from pipeline.calibration import accumulate
 from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
-from pipeline.layout import RunLayout, finetune_masks
+from pipeline.layout import RunLayout, compaction_survivors, finetune_masks
 from pipeline.model_io import model_shape
 from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
 from pipeline.stage import save_tensors, write_atomic
@@ -71,7 +71,7 @@ def criterion_scores(cfg: SalienceConfig, layout: RunLayout, accumulator):
     fixed = criteria.fixed_scores(criterion, layout.base_model, model_shape(layout.base_model,
                                                                              cfg.model.trust_remote_code),
                                   cfg.run.seed)
-    return criteria.block_scores(criterion, accumulator, fixed, finetune_masks(layout, "alive"))
+    return criteria.block_scores(criterion, accumulator, fixed, compaction_survivors(layout))
 
 
 def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: ModelShape, scores, batch_at) -> None:

@@ -52,7 +52,7 @@ def test_rows_differ_from_apt_only_in_their_recipe(tmp_path):
 def test_the_plan_runs_every_row_seed_first(tmp_path):
     args = run_study.parse_args(["--out", str(tmp_path)])
     planned = run_study.planned_runs(args)
-    assert len(planned) == len(set(planned)) == 3 * (1 + 3 * len(rows.MAIN)) + len(rows.ABLATIONS)
+    assert len(planned) == len(set(planned)) == 3 * (1 + 3 * len(rows.MAIN) + len(rows.ABLATIONS))
     assert [seed for _, _, seed in planned] == sorted(seed for _, _, seed in planned)
     assert {(m, t) for m, t, s in planned if m == rows.LORA} == {(rows.LORA, 1.0)}
     part = run_study.parse_args(["--out", str(tmp_path), "--targets", "0.5", "--seeds", "2", "--methods", "apt"])

@@ -36,6 +36,15 @@ ROWS = {
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
                                                              "apt": {"distill": False, "grow_every": 0}}),
 }
+NO_RECOVERY_ROWS = {
+    f"{criterion}-raw": Row(
+        f"{criterion} one-shot, no recovery",
+        {"pruning": {"criterion": criterion, **ONE_SHOT}, "apt": {"distill": False, "grow_every": 0},
+         "train": {"lr": 1e-12}},  # the pipeline trains at least one step: here one that moves nothing
+        recovery={"steps": 1, "warmup_steps": 0})
+    for criterion in ("apt", "taylor", "activation", "magnitude", "random")
+}
+ROWS |= NO_RECOVERY_ROWS
 EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 """The rows with APT's whole recovery (adapters, growth, distillation, compaction, shape search)."""
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
@@ -43,6 +52,9 @@ MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early")
 """Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
 ABLATION_TARGET = 0.5
+NO_RECOVERY = tuple(NO_RECOVERY_ROWS)
+"""Each criterion's one-shot cut of the dense model, scored as cut: how far apart the rankings are before recovery.
+Run at every target with the first seed."""
 LORA = "lora"
 """Run at target 1.0 (nothing pruned, masks all ones, no hooks) with every seed: the finetune-time reference."""
 

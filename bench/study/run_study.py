@@ -5,7 +5,8 @@
 2. pretrain: a small GQA LLaMA from scratch on the train split (reused when it exists with the same settings).
 3. every row (`bench/study/rows.py`) at each target remaining fraction and seed: the whole pipeline on one rank with
    the row's `pruning.criterion` / `pruning.schedule` / `apt` overrides and the same steps, data and adapters.
-   APT's ablations run at 0.5 with every seed; LoRA on the dense model (target 1.0) with every seed, for the
+   APT's ablations run at 0.5 with every seed, each criterion's cut without recovery at every target with the
+   first seed; LoRA on the dense model (target 1.0) with every seed, for the
    finetune-time ratio.
 4. score every export with one function on the same validation blocks; write bench/results/study.json (every
    number the report prints), the section of bench/RESULTS.md, and the plot.
@@ -37,7 +38,7 @@ from bench.report import environment_lines, write_section
 from bench.study import study_report
 from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, run_apt, run_config
 from bench.study.pretrain import PretrainSettings, pretrain
-from bench.study.rows import ABLATION_TARGET, ABLATIONS, LORA, MAIN, ROWS, ingredients
+from bench.study.rows import ABLATION_TARGET, ABLATIONS, LORA, MAIN, NO_RECOVERY, ROWS, ingredients
 from bench.study.scoring import count_params, evaluate, load_model
 from pipeline.stage import write_atomic
 
@@ -139,10 +140,12 @@ def embedding_share(model) -> float:
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     """(method, target, seed) of every run, seed-major, so a study cut short still compares every row."""
     runs = []
-    for seed in args.seeds:
+    for index, seed in enumerate(args.seeds):
         runs += [(LORA, 1.0, seed)] if LORA in args.methods else []
         for target in args.targets:
             runs += [(method, target, seed) for method in MAIN if method in args.methods]
+            if index == 0:
+                runs += [(method, target, seed) for method in NO_RECOVERY if method in args.methods]
         if ABLATION_TARGET in args.targets:
             runs += [(method, ABLATION_TARGET, seed) for method in ABLATIONS if method in args.methods]
     return runs

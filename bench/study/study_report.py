@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from bench.study.rows import ABLATION_TARGET, ABLATIONS, EQUAL_RECOVERY, LORA, MAIN, ROWS
+from bench.study.rows import ABLATION_TARGET, ABLATIONS, EQUAL_RECOVERY, LORA, MAIN, NO_RECOVERY, ROWS
 
 SECTION = "## Quality: APT against other pruners at equal recovery"
 
@@ -151,11 +151,27 @@ def ablation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def no_recovery_table(results: dict) -> str:
+    """Each criterion's one-shot cut of the dense model as cut (first seed), beside its row after recovery."""
+    after = {"apt-raw": "apt", **{f"{c}-raw": c for c in EQUAL_RECOVERY}}
+    lines = ["| target | " + " | ".join(ROWS[m].label for m in NO_RECOVERY) + " |",
+             "|---:|" + "---:|" * len(NO_RECOVERY)]
+    for target in targets(results):
+        cells = []
+        for method in NO_RECOVERY:
+            raw, recovered = summary(results, method, target), summary(results, after[method], target)
+            cells.append("–" if raw is None else f"{raw['mean']:.1f}" + ("" if recovered is None else
+                                                                          f" → {recovered['mean']:.2f}"))
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def detail_table(results: dict) -> str:
     """Every run: size and shape, steps at its final structure, perplexity, finetune time."""
     lines = ["| target | row | seed | parameters | remaining | hidden / heads (KV) / neurons per layer | steps at "
              "final structure | perplexity | finetune s |", "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
-    order = [*MAIN, *ABLATIONS, LORA]
+    order = [*MAIN, *ABLATIONS, *NO_RECOVERY, LORA]
     for run in sorted(results["runs"], key=lambda r: (-r["target"], order.index(r["method"]), r["seed"])):
         kept = run["kept"]
         lines.append(f"| {run['target']} | {ROWS[run['method']].label} | {run['seed']} | {run['params']:,} | "
@@ -199,6 +215,8 @@ def report(results: dict, json_path: str, plot_path: str) -> str:
         "Held-out perplexity after recovery, mean ± std over seeds (mean remaining fraction); the last column is "
         "APT's perplexity relative to the best equal-recovery row, per seed, mean ± std (negative: APT lower):", "",
         quality_table(results), "", verdict(results), "",
+        "Each criterion's cut before any recovery (one-shot scores of the dense model, one seed; → the row after its "
+        "recovery, mean over seeds; APT's own row prunes gradually):", "", no_recovery_table(results), "",
         "Cost:", "", cost_table(results), "", lora_ratio(results), "",
         "Ablations of APT's defaults:", "", ablation_table(results), "",
         f"Every run (records: `{json_path}`; rebuilt by `python -m bench.study.run_study --from-results "

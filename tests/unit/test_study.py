@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -33,7 +34,8 @@ def test_every_row_gives_a_valid_pipeline_config(tmp_path, preset):
         for target in (*run_study.TARGETS, 1.0):
             cfg = row_config(tmp_path, method, target, preset)
             assert cfg.deepspeed.num_gpus == 1 and cfg.run.seed == 1 and cfg.deepspeed.master_port == 29999
-            assert cfg.train.steps == settings.recovery.steps and cfg.apt.rank == settings.recovery.rank
+            recovery = dataclasses.replace(settings.recovery, **rows.ROWS[method].recovery)
+            assert cfg.train.steps == recovery.steps and cfg.apt.rank == recovery.rank
 
 
 def test_rows_differ_from_apt_only_in_their_recipe(tmp_path):
@@ -52,7 +54,8 @@ def test_rows_differ_from_apt_only_in_their_recipe(tmp_path):
 def test_the_plan_runs_every_row_seed_first(tmp_path):
     args = run_study.parse_args(["--out", str(tmp_path)])
     planned = run_study.planned_runs(args)
-    assert len(planned) == len(set(planned)) == 3 * (1 + 3 * len(rows.MAIN) + len(rows.ABLATIONS))
+    per_seed = 1 + 3 * len(rows.MAIN) + len(rows.ABLATIONS)
+    assert len(planned) == len(set(planned)) == 3 * per_seed + 3 * len(rows.NO_RECOVERY)  # no-recovery: first seed
     assert [seed for _, _, seed in planned] == sorted(seed for _, _, seed in planned)
     assert {(m, t) for m, t, s in planned if m == rows.LORA} == {(rows.LORA, 1.0)}
     part = run_study.parse_args(["--out", str(tmp_path), "--targets", "0.5", "--seeds", "2", "--methods", "apt"])

@@ -45,7 +45,9 @@ class RecoverySettings:
 
     @property
     def end_step(self) -> int:
-        return max(1, math.floor(self.window_fraction * self.steps))
+        """window_fraction of the steps, or earlier where the gradual masks would not reach 0 or 1 by the end."""
+        latest = self.steps - math.ceil(1 / self.mask_step)
+        return max(1, min(math.floor(self.window_fraction * self.steps), latest))
 
     @property
     def grow_every(self) -> int:

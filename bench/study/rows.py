@@ -33,6 +33,7 @@ ROWS = {
     "apt-no-distill": Row("APT, no self-distillation", {"apt": {"distill": False}}),
     "apt-global": Row("APT, global density search", {"pruning": {"shape_search": "global"}}),
     "apt-early": Row("APT, pruning window ends at 30% of the steps", recovery={"window_fraction": 0.3}),
+    "apt-late": Row("APT, pruning window ends at 80% of the steps", recovery={"window_fraction": 0.8}),
     "apt-activation": Row("APT's schedule, activation scores", {"pruning": {"criterion": "activation"}}),
     "apt-one-shot": Row("APT's salience, one-shot", {"pruning": {"criterion": "apt", **ONE_SHOT}}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
@@ -51,7 +52,8 @@ EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 """The rows with APT's whole recovery (adapters, growth, distillation, compaction, shape search)."""
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
-ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-activation", "apt-one-shot")
+ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
+             "apt-one-shot")
 """Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
 ABLATION_TARGET = 0.5
 NO_RECOVERY = tuple(NO_RECOVERY_ROWS)

@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # One thread per pipeline: with other processes on the 2 cores, a 2-thread step waits at every OpenMP barrier
     # for a descheduled partner (a pretraining step measured 1.4-1.7 s with one thread and 5-7.6 s with two).
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline and its DeepSpeed rank")
-    parser.add_argument("--port", type=int, default=29731, help="first DeepSpeed master port (one per job slot)")
+    parser.add_argument("--port", type=int, default=29731,
+                        help="first DeepSpeed master port (the plan's n-th run uses port + n)")
     parser.add_argument("--out", type=Path, default=None, help="working folder (default bench/out/study[-quick])")
     parser.add_argument("--results", type=Path, default=None,
                         help=f"markdown file whose '{study_report.SECTION}' section to write (default: "
@@ -165,14 +166,14 @@ def method_config(args: argparse.Namespace, method: str, target: float, seed: in
                       target_remaining=target, seed=seed, overrides=overrides)
 
 
-def run_one(args: argparse.Namespace, method: str, target: float, seed: int, slot: int) -> dict:
+def run_one(args: argparse.Namespace, method: str, target: float, seed: int, port: int) -> dict:
     """One row's pipeline run, scored; its record is written to <out>/runs/<name>.json (skipped when there)."""
     record_path = args.out / "runs" / f"{run_name(method, target, seed)}.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
     torch.set_num_threads(args.threads)
-    cfg = method_config(args, method, target, seed, args.port + slot)
-    split_cfg = method_config(args, method, target, args.preset.data.seed, args.port + slot)
+    cfg = method_config(args, method, target, seed, port)
+    split_cfg = method_config(args, method, target, args.preset.data.seed, port)
     print(f"{method} at {target}, seed {seed}: the pipeline", flush=True)
     started = time.perf_counter()
     model = load_model(run_apt(cfg, split_cfg))
@@ -212,10 +213,11 @@ def run(args: argparse.Namespace) -> dict:
     shared = prepare(args)
     planned = planned_runs(args)
     if args.jobs == 1:
-        records = [run_one(args, *run, slot=0) for run in planned]
+        records = [run_one(args, *run, port=args.port) for run in planned]
     else:
         with ProcessPoolExecutor(args.jobs) as pool:  # each run launches its own DeepSpeed rank
-            futures = [pool.submit(run_one, args, *run, slot=index % args.jobs) for index, run in enumerate(planned)]
+            # A port per run, not per job slot: runs end out of order, so two runs of one slot can overlap.
+            futures = [pool.submit(run_one, args, *run, port=args.port + index) for index, run in enumerate(planned)]
             records = [future.result() for future in futures]
     done = {run_name(r["method"], r["target"], r["seed"]) for r in records}
     earlier = [json.loads(path.read_text()) for path in sorted((args.out / "runs").glob("*.json"))

@@ -50,13 +50,14 @@ def per_seed_change(results: dict, method: str, other: str, target: float, key: 
 
 def apt_margin(results: dict, target: float) -> tuple[str, bool | None]:
     """APT against the best equal-recovery row: the per-seed change, mean ± std, and whether APT is lower by more
-    than the spread (None where it cannot be said)."""
+    than the spread (None where it cannot be said: no rival, or one seed, which has no spread)."""
     rival = best_method(results, target, EQUAL_RECOVERY)
     diffs = per_seed_change(results, "apt", rival, target) if rival else []
     if not diffs:
         return "–", None
-    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    mean = statistics.fmean(diffs)
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.1f}% vs {rival} (one seed)", None
+    spread, mean = statistics.stdev(diffs), statistics.fmean(diffs)
     return f"{mean:+.1f}% ± {spread:.1f}% vs {rival} ({len(diffs)} seeds)", (mean < 0 and -mean > spread)
 
 
@@ -76,14 +77,16 @@ def quality_table(results: dict) -> str:
 
 
 def verdict(results: dict) -> str:
-    """Where APT is lowest against the equal-recovery rows by more than the seed spread, and where not."""
-    wins, others = [], []
+    """Where APT is lowest against the equal-recovery rows by more than the seed spread, where not, and where one
+    seed cannot tell."""
+    found = {True: [], False: [], None: []}
     for target in targets(results):
         text, clear = apt_margin(results, target)
-        if clear is not None:
-            (wins if clear else others).append(f"{target} ({text})")
-    return (f"APT is lower than every equal-recovery row by more than the seed spread at: {', '.join(wins) or 'none'}"
-            f"; not at: {', '.join(others) or 'none'}.")
+        if text != "–":
+            found[clear].append(f"{target} ({text})")
+    return (f"APT is lower than every equal-recovery row by more than the seed spread at: "
+            f"{', '.join(found[True]) or 'none'}; not at: {', '.join(found[False]) or 'none'}; one seed so far, "
+            f"no spread to judge by: {', '.join(found[None]) or 'none'}.")
 
 
 def ingredients_table(results: dict) -> str:

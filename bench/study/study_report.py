@@ -36,6 +36,11 @@ def summary(results: dict, method: str, target: float) -> dict | None:
             "n": len(values), "fraction": statistics.fmean(run["params"] / dense for run in runs)}
 
 
+def mean_spread(stat: dict) -> str:
+    """"mean ± std" over seeds; the mean alone for one seed, which has no spread."""
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["n"] > 1 else "")
+
+
 def best_method(results: dict, target: float, methods=MAIN) -> str | None:
     means = {m: stat["mean"] for m in methods if (stat := summary(results, m, target)) is not None}
     return min(means, key=means.get) if means else None
@@ -70,7 +75,7 @@ def quality_table(results: dict) -> str:
         cells = []
         for method in MAIN:
             stat = summary(results, method, target)
-            cells.append("–" if stat is None else f"{stat['mean']:.2f} ± {stat['std']:.2f} ({stat['fraction']:.3f})")
+            cells.append("–" if stat is None else f"{mean_spread(stat)} ({stat['fraction']:.3f})")
         if any(cell != "–" for cell in cells):
             lines.append(f"| {target} | " + " | ".join(cells) + f" | {apt_margin(results, target)[0]} |")
     return "\n".join(lines)
@@ -130,8 +135,8 @@ def lora_ratio(results: dict) -> str:
         ratios = [r["finetune_wall_seconds"] / lora[r["seed"]] for r in runs_of(results, "apt", target)
                   if r["seed"] in lora]
         if ratios:
-            spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-            parts.append(f"{statistics.fmean(ratios):.2f}× ± {spread:.2f} at {target}")
+            spread = f" ± {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else " (one seed)"
+            parts.append(f"{statistics.fmean(ratios):.2f}×{spread} at {target}")
     return ("APT's finetune time relative to LoRA on the dense model with the same steps (per seed, mean ± std): "
             + (", ".join(parts) if parts else "not measured") + " (the APT paper reports 1.06× on LLaMA-2-7B).")
 
@@ -149,7 +154,7 @@ def ablation_table(results: dict) -> str:
         change = "–" if not diffs else (f"{statistics.fmean(diffs):+.1f}% ± "
                                         f"{statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}%")
         steps = statistics.fmean(run["final_structure_steps"] for run in runs)
-        lines.append(f"| {ROWS[method].label} | {stat['n']} | {stat['mean']:.2f} ± {stat['std']:.2f} | "
+        lines.append(f"| {ROWS[method].label} | {stat['n']} | {mean_spread(stat)} | "
                      f"{stat['fraction']:.3f} | {steps:.0f} | {change} |")
     return "\n".join(lines)
 

@@ -6,8 +6,7 @@
 3. every row (`bench/study/rows.py`) at each target remaining fraction and seed: the whole pipeline on one rank with
    the row's `pruning.criterion` / `pruning.schedule` / `apt` overrides and the same steps, data and adapters.
    APT's ablations run at 0.5 with every seed, each criterion's cut without recovery at every target with the
-   first seed; LoRA on the dense model (target 1.0) with every seed, for the
-   finetune-time ratio.
+   first seed; LoRA on the dense model (target 1.0) with every seed, for the finetune-time ratio.
 4. score every export with one function on the same validation blocks; write bench/results/study.json (every
    number the report prints), the section of bench/RESULTS.md, and the plot.
 

@@ -63,7 +63,14 @@ def apt_margin(results: dict, target: float) -> tuple[str, bool | None]:
     if len(diffs) == 1:
         return f"{diffs[0]:+.1f}% vs {rival} (one seed)", None
     spread, mean = statistics.stdev(diffs), statistics.fmean(diffs)
-    return f"{mean:+.1f}% ± {spread:.1f}% vs {rival} ({len(diffs)} seeds)", (mean < 0 and -mean > spread)
+    return f"{change_text(diffs)} vs {rival} ({len(diffs)} seeds)", (mean < 0 and -mean > spread)
+
+
+def change_text(diffs: list[float]) -> str:
+    """Per-seed changes as "mean% ± std%"; one seed has no spread."""
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.1f}% (one seed)"
+    return f"{statistics.fmean(diffs):+.1f}% ± {statistics.stdev(diffs):.1f}%"
 
 
 def quality_table(results: dict) -> str:
@@ -151,8 +158,7 @@ def ablation_table(results: dict) -> str:
             continue
         runs = runs_of(results, method, ABLATION_TARGET)
         diffs = per_seed_change(results, method, "apt", ABLATION_TARGET) if method != "apt" else []
-        change = "–" if not diffs else (f"{statistics.fmean(diffs):+.1f}% ± "
-                                        f"{statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}%")
+        change = change_text(diffs) if diffs else "–"
         steps = statistics.fmean(run["final_structure_steps"] for run in runs)
         lines.append(f"| {ROWS[method].label} | {stat['n']} | {mean_spread(stat)} | "
                      f"{stat['fraction']:.3f} | {steps:.0f} | {change} |")

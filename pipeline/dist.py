@@ -126,6 +126,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Meet every rank, then destroy the group (a no-op without one). Left to the interpreter's exit, a gloo group's
+    threads may be torn down in the wrong order and abort a rank that had finished its work."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import checkpoints, nodes, preflight, run_lock, tracking
 from pipeline import config as config_lib
-from pipeline.dist import barrier, empty_cache, get_logger, is_main, on_cpu, rank, world_size
+from pipeline.dist import barrier, empty_cache, get_logger, is_main, leave_process_group, on_cpu, rank, world_size
 from pipeline.layout import RunLayout
 from pipeline.stage import (
     MANIFEST,
@@ -186,6 +186,7 @@ def execute_launched(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_d
             empty_cache()
             barrier()
         execute_stage(stage, cfg, run_dir)
+    leave_process_group()
 
 
 def execute_stage(stage: Stage, cfg: config_lib.RunConfig, run_dir: Path) -> dict:

@@ -7,6 +7,7 @@ collective here runs on a buffer on that device (NCCL refuses CPU tensors; gloo 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -88,6 +89,24 @@ def init_distributed(timeout_minutes: float) -> None:
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    unlink_shm_workspace()
+
+
+SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""The shared-memory segment of DeepSpeed's CPU all-reduce (its shm comm op) for one rank of one launch."""
+
+
+def unlink_shm_workspace() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce workspace once every peer has mapped it. DeepSpeed
+    (0.19) never unlinks it: each launch on a new master port left 66 MB per rank in /dev/shm, which is RAM,
+    until a host running many jobs swapped. The mappings stay valid until the process exits."""
+    if "LOCAL_SIZE" not in os.environ or not hasattr(os, "getuid"):  # DeepSpeed maps it only under its launcher
+        return
+    barrier()  # every rank's init has mapped every peer's segment
+    name = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                port=os.environ.get("MASTER_PORT", ""), rank=rank())
+    with contextlib.suppress(FileNotFoundError):  # ranks on several hosts, or a DeepSpeed that makes none
+        os.unlink(name)
 
 
 def get_logger(name: str = "apt") -> logging.Logger:

@@ -3,9 +3,10 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
-from chains import REFERENCE, apt_pipeline, assert_export_is_the_trained_model, grown_ranks
+from chains import REFERENCE, apt_pipeline, assert_export_is_the_trained_model, grown_ranks, run_config
 
 from harness import free_port
 
@@ -30,6 +31,12 @@ def test_finetune_and_salience_share_one_launch(reference_run):
     launches = [line for line in log.splitlines() if " launching: " in line]
     assert len(launches) == 1 and "finetune, salience launching: " in launches[0], launches
     assert launches[0].endswith(" stage finetune salience --worker --config " + str(reference_run / "config.yaml"))
+
+
+def test_the_launch_leaves_no_shared_memory_behind(reference_run):
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per rank and never unlinks it; the ranks do."""
+    port = run_config(reference_run).deepspeed.master_port
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_the_chain_reads_grown_adapters_and_the_export_equals_the_trained_model(reference_run):

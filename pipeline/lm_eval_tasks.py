@@ -5,6 +5,7 @@ The metrics are lm-eval's own; this module only names the local task and flatten
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -34,11 +35,21 @@ def lm_eval_scores(model, tokenizer, names: tuple[str, ...], heldout: Path, *, b
 
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    hub = any(name != HELDOUT_TASK for name in names)
     results = simple_evaluate(model=lm, tasks=task_specs(names, heldout), limit=limit, log_samples=False,
-                              bootstrap_iters=0, verbosity="WARNING")
+                              bootstrap_iters=0, verbosity="WARNING", task_manager=task_manager(hub))
     return {task: {key.split(",")[0]: float(value) for key, value in values.items()  # keys are "metric,filter"
                    if "," in key and isinstance(value, (int, float)) and "_stderr" not in key}
             for task, values in results["results"].items()}
+
+
+@functools.cache
+def task_manager(hub: bool):
+    """lm-eval's task index, built once per process: with its own tasks only where a hub task is named (indexing
+    its ~15,000 task files takes about 20 s a time; the local task is a config that needs none)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=hub)
 
 
 def task_problems(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
@@ -52,9 +63,7 @@ def task_problems(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     hub_names = [name for name in names if name != HELDOUT_TASK]
     if not hub_names:
         return [], {}
-    from lm_eval.tasks import TaskManager
-
-    index = TaskManager().task_index  # parses lm-eval's task YAML files, reads no dataset
+    index = task_manager(hub=True).task_index  # parses lm-eval's task YAML files, reads no dataset
     problems = [f"eval.lm_eval_tasks: {name!r} is not an lm-eval task (`lm-eval ls tasks` lists them; "
                 f"{HELDOUT_TASK!r} is the offline held-out task)" for name in hub_names if name not in index]
     datasets = {name: index[name].cfg["dataset_path"] for name in hub_names

@@ -240,6 +240,10 @@ class PruningSection:
     recipes). The window fields are then unused."""
     one_shot_batches: int = 8
     """Global calibration batches (forward and backward, no step) the one-shot scores are summed over."""
+    salience_gradient: Literal["before_mask", "after_mask"] = "before_mask"
+    """Which gradient the apt and taylor criteria use: before_mask: ∂L/∂H of the activation H the mask multiplies
+    (a channel's score shrinks with its own mask as it fades); after_mask: ∂L/∂(m⊙H), the channel's score as if
+    it were fully on, so a fading channel whose loss says it matters can return (docs/design.md §3)."""
 
     def problems(self) -> list[str]:
         out = []

@@ -231,7 +231,8 @@ def compact_accumulator(accumulator: SalienceAccumulator, plan: CompactionPlan) 
     The caller swaps the hooks: `accumulator.detach(); new.attach(model)`.
     """
     device = accumulator.sums["hidden"]["sum1"].device
-    compacted = SalienceAccumulator(plan.after, device=device, products=accumulator.products)
+    compacted = SalienceAccumulator(plan.after, device=device, products=accumulator.products,
+                                     after_mask=accumulator.after_mask)
     compacted.load_state_dict(slice_salience_sums(accumulator.state_dict(), plan))
     compacted.enabled, compacted.grad_scale = accumulator.enabled, accumulator.grad_scale
     return compacted

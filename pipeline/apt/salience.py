@@ -92,10 +92,13 @@ class SalienceAccumulator:
     checkpointing: its recomputed forward would count activations twice.
     """
 
-    def __init__(self, shape: ModelShape, device: torch.device | str | None = None, products: bool = False):
+    def __init__(self, shape: ModelShape, device: torch.device | str | None = None, products: bool = False,
+                 after_mask: bool = False):
         self.shape = shape
         self.products = products
         """Also sum H·∂L/∂H (the `taylor` criterion): each hooked activation is kept until its gradient arrives."""
+        self.after_mask = after_mask
+        """Sum the gradient of the mask's output m⊙H instead of its input H (`pruning.salience_gradient`)."""
         self.enabled = True
         self.grad_scale = 1.0
         """Divisor for captured gradients: the fp16 loss scale, so sums hold true gradients."""
@@ -113,6 +116,8 @@ class SalienceAccumulator:
             for block, (rows, width) in channels.items()
         }
         self._handles = []
+        self._pending: dict[tuple[str, int], torch.Tensor | None] = {}
+        """after_mask: a counted input's activations (for the products) until its mask's output is hooked."""
 
     # ---- accumulation -------------------------------------------------------------------------------------
 
@@ -148,8 +153,10 @@ class SalienceAccumulator:
                 row = _site_row(name, module)
                 if row is None:
                     continue
-                hook = partial(self._on_mask_input, module.block, row)
-                self._handles.append(module.register_forward_pre_hook(hook))
+                self._handles.append(module.register_forward_pre_hook(partial(self._on_mask_input, module.block, row)))
+                if self.after_mask:
+                    self._handles.append(module.register_forward_hook(partial(self._on_mask_output, module.block,
+                                                                              row)))
         if not self._handles:
             raise ValueError("the model has no mask sites; call inject_adapters first")
 
@@ -158,6 +165,7 @@ class SalienceAccumulator:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pending = {}
 
     def _on_mask_input(self, block: str, row: int, module: nn.Module, args: tuple) -> tuple | None:
         # Only passes that will be differentiated count (evaluation under no_grad does not), so the
@@ -170,8 +178,16 @@ class SalienceAccumulator:
             # leaf that requires grad; the graph below it is unchanged.
             h = h.detach().requires_grad_()
         self.add_activations(block, row, h)
-        h.register_hook(partial(self._on_grad, block, row, h.detach() if self.products else None))
+        if self.after_mask:
+            self._pending[(block, row)] = h.detach() if self.products else None
+        else:
+            h.register_hook(partial(self._on_grad, block, row, h.detach() if self.products else None))
         return (h,)
+
+    def _on_mask_output(self, block: str, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # The pre-hook of this same call counted the input; its gradient is taken here, after the mask.
+        if (block, row) in self._pending:
+            output.register_hook(partial(self._on_grad, block, row, self._pending.pop((block, row))))
 
     def _on_grad(self, block: str, row: int, h: torch.Tensor | None, grad: torch.Tensor) -> None:
         self.add_gradients(block, row, grad, h)

@@ -176,6 +176,30 @@ def test_hooks_sum_pre_mask_activations_and_their_gradients(tiny_model, input_id
     assert all(accumulator.sums[block]["grad_abs"].sum() > 0 for block in ("attention", "mlp", "hidden"))
 
 
+def test_after_mask_gradients_are_the_before_mask_ones_divided_by_the_mask(tiny_model, input_ids):
+    """∂L/∂H = m ⊙ ∂L/∂(m⊙H): after_mask sums equal before_mask ones over m, and a channel masked to zero still
+    gets a gradient (it can be chosen again), where before_mask gives it none."""
+    model, shape = _captured_model(tiny_model)
+    masks = model.apt_masks
+    masks.neuron_mask[0, 0] = 0.0
+    sums = {}
+    for after_mask in (False, True):
+        accumulator = SalienceAccumulator(shape, products=True, after_mask=after_mask)
+        accumulator.attach(model)
+        model(input_ids, labels=input_ids).loss.backward()
+        accumulator.detach()
+        sums[after_mask] = accumulator.sums
+    per_channel = {"attention": masks.head_mask.double().repeat_interleave(shape.head_dim, dim=1),
+                   "mlp": masks.neuron_mask.double()}
+    for block, mask in per_channel.items():
+        before, after = sums[False][block], sums[True][block]
+        torch.testing.assert_close(before["act_abs"], after["act_abs"], rtol=0, atol=0)
+        torch.testing.assert_close(before["grad_abs"], mask * after["grad_abs"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(before["act_grad"], mask * after["act_grad"], rtol=1e-4, atol=1e-10)  # signed sums
+    assert sums[False]["mlp"]["grad_abs"][0, 0] == 0 < sums[True]["mlp"]["grad_abs"][0, 0]
+    torch.testing.assert_close(sums[False]["hidden"]["grad_abs"], sums[True]["hidden"]["grad_abs"])  # masks one
+
+
 def test_hidden_score_sums_per_site_scores_on_a_tiny_model(tiny_model, input_ids):
     """S_c = Σ_sites (Σ|∂L/∂H_s,c|·Σ|H_s,c| + sqrt(Kurt(H_s,c))), computed here directly from the captured
     sublayer outputs, with kurtosis from scipy: a sum of per-site products, not a product of pooled sums."""

@@ -113,8 +113,8 @@ def ingredients_table(results: dict) -> str:
             # Records before the option existed were all before_mask, the default then as now.
             gradient = i.get("salience_gradient", "before_mask")
             lines.append(f"| {ROWS[method].label} | {i['criterion']} | {gradient} | {i['schedule']} | "
-                         f"{yes(i['distill'])} | {yes(i['grow'])} | {i['shape_search']} | {i['steps']} | {i['tokens']:,} | "
-                         f"{i['teacher_forwards']} | {i['calibration_batches']} |")
+                         f"{yes(i['distill'])} | {yes(i['grow'])} | {i['shape_search']} | {i['steps']} | "
+                         f"{i['tokens']:,} | {i['teacher_forwards']} | {i['calibration_batches']} |")
     return "\n".join(lines)
 
 

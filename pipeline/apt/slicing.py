@@ -111,19 +111,59 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if hidden.numel() == 0:
         raise ValueError("hidden_mask keeps no channel")
+    kept_layers = [index for index in range(len(decoder.layers)) if index not in empty_layers(masks)]
+    if not kept_layers:
+        raise ValueError("the masks keep no layer")
+    if len(kept_layers) < len(decoder.layers):
+        _check_removable(model, [index for index in range(len(decoder.layers)) if index not in kept_layers])
     plans = []
-    for index, layer in enumerate(decoder.layers):
+    for index in kept_layers:
         widths = {
             "head_mask": masks.head_mask[index],
             "kv_mask": masks.kv_mask[index],
             "neuron_mask": masks.neuron_mask[index],
         }
-        for (name, row), (attribute, size) in zip(widths.items(), layer_sizes(layer).items(), strict=True):
+        for (name, row), (attribute, size) in zip(widths.items(), layer_sizes(decoder.layers[index]).items(),
+                                                  strict=True):
             if row.numel() != size:
                 raise ValueError(f"{name}[{index}] has {row.numel()} entries; the layer has {attribute}={size}")
         plans.append(plan_layer(index, *widths.values()))
+    drop_layers(model, kept_layers)  # every check has passed: only now does the model change
     slice_kept(model, plans, hidden)
     return model
+
+
+def empty_layers(masks: MaskSet) -> list[int]:
+    """Layers whose masks keep no query head, no KV head and no neuron: with no o_proj or down_proj bias in these
+    families such a layer adds nothing to the residual stream, so removing it leaves the output unchanged."""
+    rows = (masks.head_mask, masks.kv_mask, masks.neuron_mask)
+    empty = torch.stack([row.amax(dim=1) == 0 for row in rows]).all(dim=0)
+    return empty.nonzero().flatten().tolist()
+
+
+def _check_removable(model: nn.Module, removed: list[int]) -> None:
+    """Whole layers leave only a merged model, and only where they add nothing: no o_proj or down_proj bias."""
+    if hasattr(model, "apt_masks"):
+        raise ValueError("the masks remove whole layers: merge the adapters first (`adapters.merge_adapters`)")
+    for index in removed:
+        layer = model.model.layers[index]
+        if layer.self_attn.o_proj.bias is not None or layer.mlp.down_proj.bias is not None:
+            raise ValueError(f"layer {index} keeps no head and no neuron but its o_proj or down_proj bias still "
+                             f"adds to the residual stream: it cannot be removed")
+
+
+def drop_layers(model: nn.Module, keep: list[int]) -> None:
+    """Keep only the decoder layers indexed by `keep`, in place: renumbered for the KV cache, with the config's
+    layer count and per-layer attention types (Qwen2's sliding layers) matching, so it saves as a plain model."""
+    decoder, config = model.model, model.config
+    if keep == list(range(len(decoder.layers))):
+        return
+    decoder.layers = nn.ModuleList([decoder.layers[index] for index in keep])
+    for index, layer in enumerate(decoder.layers):
+        layer.self_attn.layer_idx = index
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[index] for index in keep]
+    config.num_hidden_layers = len(keep)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from builders import LLAMA_MISTRAL_CASES, logits, train_like
 from pipeline.apt.adapters import inject_adapters, merge_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
 from pipeline.apt.masks import MaskSet
-from pipeline.apt.slicing import per_layer_config, slice_model
+from pipeline.apt.slicing import empty_layers, per_layer_config, slice_model
 
 CASES = [
     *LLAMA_MISTRAL_CASES,
@@ -77,6 +77,54 @@ def test_uniform_slice_saves_and_loads_with_plain_transformers(tiny_model, input
     reloaded = type(sliced).from_pretrained(tmp_path).eval()
     assert (reloaded.config.num_attention_heads, reloaded.config.num_key_value_heads) == (2, 2)
     torch.testing.assert_close(logits(reloaded, input_ids), expected, rtol=0, atol=0)
+
+
+def remove_layer(masks: MaskSet, layer: int) -> MaskSet:
+    """`masks` with every head, KV head and neuron of one layer at zero: the layer adds nothing."""
+    for row in (masks.head_mask, masks.kv_mask, masks.neuron_mask):
+        row[layer] = 0
+    return masks
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_a_layer_masked_whole_leaves_the_export_which_loads_and_decodes_in_plain_transformers(
+    tiny_model, input_ids, tmp_path, arch
+):
+    model = tiny_model(arch, num_kv_heads=2, num_layers=3)
+    masks = remove_layer(MaskSet.ones(ModelShape.from_config(model.config)), 1)
+    masks.neuron_mask[:, ::4] = 0
+    model = masked_model(model, masks)
+    expected = logits(model, input_ids)
+    assert empty_layers(masks) == [1]
+
+    sliced = slice_model(merge_adapters(model), masks)
+    torch.testing.assert_close(logits(sliced, input_ids), expected, rtol=0, atol=1e-5)
+    assert [layer.self_attn.layer_idx for layer in sliced.model.layers] == [0, 1]
+    sliced.save_pretrained(tmp_path)
+    reloaded = type(sliced).from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    if arch == "qwen2":  # sliding or full attention, per layer
+        assert len(reloaded.config.layer_types) == 2
+    torch.testing.assert_close(logits(reloaded, input_ids), expected, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the KV cache indexes the renumbered layers
+        past = reloaded(input_ids[:, :-1], use_cache=True).past_key_values
+        last = reloaded(input_ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(last, expected[:, -1], rtol=0, atol=1e-4)
+
+
+def test_whole_layers_leave_only_a_merged_model_without_sublayer_biases(tiny_model):
+    model = tiny_model(num_kv_heads=2, num_layers=3)
+    shape = ModelShape.from_config(model.config)
+    with pytest.raises(ValueError, match="merge the adapters first"):
+        slice_model(masked_model(model, MaskSet.ones(shape)), remove_layer(MaskSet.ones(shape), 0))
+    biased = tiny_model("llama", num_kv_heads=2, num_layers=3)
+    biased.model.layers[2].self_attn.o_proj.bias = torch.nn.Parameter(torch.ones(biased.config.hidden_size))
+    with pytest.raises(ValueError, match="layer 2 .* bias"):
+        slice_model(biased, remove_layer(MaskSet.ones(ModelShape.from_config(biased.config)), 2))
+    assert len(biased.model.layers) == 3  # refused before anything changed
+    with pytest.raises(ValueError, match="keep no layer"):
+        every = MaskSet.ones(ModelShape.from_config(biased.config))
+        slice_model(biased, remove_layer(remove_layer(remove_layer(every, 0), 1), 2))
 
 
 def test_compacting_a_wrapped_model_keeps_its_output_and_fractional_masks(tiny_model, random_masks, input_ids):

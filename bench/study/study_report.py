@@ -61,16 +61,19 @@ def apt_margin(results: dict, target: float) -> tuple[str, bool | None]:
     if not diffs:
         return "–", None
     if len(diffs) == 1:
-        return f"{diffs[0]:+.1f}% vs {rival} (one seed)", None
-    spread, mean = statistics.stdev(diffs), statistics.fmean(diffs)
-    return f"{change_text(diffs)} vs {rival} ({len(diffs)} seeds)", (mean < 0 and -mean > spread)
+        return f"{spread_text(diffs, PERCENT)} vs {rival}", None
+    mean, spread = statistics.fmean(diffs), statistics.stdev(diffs)
+    return f"{spread_text(diffs, PERCENT)} vs {rival} ({len(diffs)} seeds)", (mean < 0 and -mean > spread)
 
 
-def change_text(diffs: list[float]) -> str:
-    """Per-seed changes as "mean% ± std%"; one seed has no spread."""
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.1f}% (one seed)"
-    return f"{statistics.fmean(diffs):+.1f}% ± {statistics.stdev(diffs):.1f}%"
+PERCENT = "{:+.1f}%"
+
+
+def spread_text(values: list[float], form: str) -> str:
+    """Per-seed values as "mean ± std" in `form` (e.g. PERCENT); one seed has no spread and says so."""
+    if len(values) == 1:
+        return f"{form.format(values[0])} (one seed)"
+    return f"{form.format(statistics.fmean(values))} ± {form.format(statistics.stdev(values)).lstrip('+')}"
 
 
 def quality_table(results: dict) -> str:
@@ -145,8 +148,7 @@ def lora_ratio(results: dict) -> str:
         ratios = [r["finetune_wall_seconds"] / lora[r["seed"]] for r in runs_of(results, "apt", target)
                   if r["seed"] in lora]
         if ratios:
-            spread = f" ± {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else " (one seed)"
-            parts.append(f"{statistics.fmean(ratios):.2f}×{spread} at {target}")
+            parts.append(f"{spread_text(ratios, '{:.2f}×')} at {target}")
     return ("APT's finetune time relative to LoRA on the dense model with the same steps (per seed, mean ± std): "
             + (", ".join(parts) if parts else "not measured") + " (the APT paper reports 1.06× on LLaMA-2-7B).")
 
@@ -161,7 +163,7 @@ def ablation_table(results: dict) -> str:
             continue
         runs = runs_of(results, method, ABLATION_TARGET)
         diffs = per_seed_change(results, method, "apt", ABLATION_TARGET) if method != "apt" else []
-        change = change_text(diffs) if diffs else "–"
+        change = spread_text(diffs, PERCENT) if diffs else "–"
         steps = statistics.fmean(run["final_structure_steps"] for run in runs)
         lines.append(f"| {ROWS[method].label} | {stat['n']} | {mean_spread(stat)} | "
                      f"{stat['fraction']:.3f} | {steps:.0f} | {change} |")

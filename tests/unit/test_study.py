@@ -104,5 +104,5 @@ def test_the_report_is_rebuilt_from_the_records_alone(tmp_path):
     assert study_report.SECTION in section and plot.is_file()
     assert "by more than the seed spread at: 0.3" in section and "not at: 0.5" in section
     assert "+5.0% ± 0.3% vs taylor (3 seeds)" in section  # APT loses at 0.5, plainly
-    assert "1.25× ± 0.00 at 0.5" in section  # APT's finetune time over LoRA's
+    assert "1.25× ± 0.00× at 0.5" in section  # APT's finetune time over LoRA's
     assert section.count("| LLM-Pruner's recipe |") == 3 + 3  # quality header, ingredients, cost; three runs

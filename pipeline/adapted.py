@@ -57,6 +57,7 @@ def build_adapted_engine(cfg, layout: RunLayout, base: Path, ds_config: dict, vo
     shape = ModelShape.from_config(model.config)
     # On the device: the hooks add without a copy. The taylor criterion also sums activation x gradient.
     salience = SalienceAccumulator(shape, device=dist.device(), products=cfg.pruning.criterion == "taylor",
-                                   after_mask=cfg.pruning.salience_gradient == "after_mask")
+                                   after_mask=cfg.pruning.salience_gradient == "after_mask",
+                                   outlier=cfg.apt.outlier_term)
     salience.attach(model)
     return AdaptedEngine(build_engine(model, ds_config, cfg.train), shape, salience)

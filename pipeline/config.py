@@ -160,6 +160,9 @@ class AptSection:
     """Adapter parameters may grow to this multiple of their initial count."""
     salience_momentum: float = 0.85
     """EMA momentum of block salience between pruning updates."""
+    outlier_term: bool = True
+    """Add sqrt(kurtosis) of a channel's activation to the apt criterion (APT's outlier-aware part); false scores
+    by Σ|∂L/∂H|·Σ|H| alone (an ablation: the term does not grow with the tokens an update sums, the product does)."""
     distill: bool = True
     """Self-distillation from the model as pruning starts (KL at temperature 2 + hidden-state term); with
     compaction the teacher becomes its own frozen model before the first cut (docs/design.md §5)."""

@@ -232,7 +232,7 @@ def compact_accumulator(accumulator: SalienceAccumulator, plan: CompactionPlan) 
     """
     device = accumulator.sums["hidden"]["sum1"].device
     compacted = SalienceAccumulator(plan.after, device=device, products=accumulator.products,
-                                     after_mask=accumulator.after_mask)
+                                     after_mask=accumulator.after_mask, outlier=accumulator.outlier)
     compacted.load_state_dict(slice_salience_sums(accumulator.state_dict(), plan))
     compacted.enabled, compacted.grad_scale = accumulator.enabled, accumulator.grad_scale
     return compacted

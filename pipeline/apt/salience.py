@@ -93,12 +93,14 @@ class SalienceAccumulator:
     """
 
     def __init__(self, shape: ModelShape, device: torch.device | str | None = None, products: bool = False,
-                 after_mask: bool = False):
+                 after_mask: bool = False, outlier: bool = True):
         self.shape = shape
         self.products = products
         """Also sum H·∂L/∂H (the `taylor` criterion): each hooked activation is kept until its gradient arrives."""
         self.after_mask = after_mask
         """Sum the gradient of the mask's output m⊙H instead of its input H (`pruning.salience_gradient`)."""
+        self.outlier = outlier
+        """The apt criterion adds sqrt(kurtosis) (`apt.outlier_term`)."""
         self.enabled = True
         self.grad_scale = 1.0
         """Divisor for captured gradients: the fp16 loss scale, so sums hold true gradients."""
@@ -249,9 +251,12 @@ class SalienceAccumulator:
             return sums["sum2"] / sums["count"].clamp_min(1)[:, None]
         if criterion != "apt":
             raise ValueError(f"criterion {criterion!r} is not scored from activations; one of {ACTIVATION_CRITERIA}")
+        first_order = sums["grad_abs"] * sums["act_abs"]
+        if not self.outlier:
+            return first_order
         kurtosis = kurtosis_from_moments(sums["count"][:, None], sums["sum1"], sums["sum2"], sums["sum3"], sums["sum4"])
         # Rounding can leave a tiny negative m4 for near-constant channels.
-        return sums["grad_abs"] * sums["act_abs"] + kurtosis.clamp_min(0).sqrt()
+        return first_order + kurtosis.clamp_min(0).sqrt()
 
     def scores(self, criterion: str = "apt") -> SalienceScores:
         """Block salience: a query head sums its head_dim channels, a residual channel its per-site scores

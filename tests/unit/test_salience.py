@@ -218,6 +218,19 @@ def test_hidden_score_sums_per_site_scores_on_a_tiny_model(tiny_model, input_ids
     torch.testing.assert_close(accumulator.scores().hidden, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_without_the_outlier_term_the_apt_score_is_the_first_order_product(tiny_model, input_ids):
+    model, shape = _captured_model(tiny_model)
+    with_term, without = SalienceAccumulator(shape), SalienceAccumulator(shape, outlier=False)
+    for accumulator in (with_term, without):
+        accumulator.attach(model)
+        model(input_ids, labels=input_ids).loss.backward()
+        accumulator.detach()
+    for block in ("attention", "mlp", "hidden"):
+        sums = without.sums[block]
+        torch.testing.assert_close(without.channel_scores(block), sums["grad_abs"] * sums["act_abs"])
+        assert bool((with_term.channel_scores(block) > without.channel_scores(block)).any())
+
+
 def test_frozen_embedding_output_still_gets_its_gradient(tiny_model, input_ids):
     # No attention adapters: with the embedding frozen, nothing upstream of layer 0's o_proj input and output
     # trains, so only the hook's leaf makes their gradients exist.

@@ -47,6 +47,10 @@ RANKINGS = [("taylor", "one_shot"), ("activation", "gradual"), ("magnitude", "gr
 ZeRO stages, with and without compaction and distillation. The criterion is only the ranking (the rest of the chain
 is the same code, and tests/unit/test_criteria.py checks each ranking), so the rows carry them without covering
 every pair: that would take fifteen rows. The default pair (apt, gradual) runs in every other e2e test."""
+SCORING = {("taylor", "gradual"): ["pruning.salience_gradient=after_mask"],
+           ("apt", "one_shot"): ["apt.outlier_term=false"]}
+"""The salience's own options, each on a row whose ranking reads it: the gradient after the mask where masks fade
+(gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term."""
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
         "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
@@ -79,6 +83,7 @@ def test_rows_run_every_criterion_and_schedule():
     one_shot = [row for row, (_, schedule) in zip(ROWS, RANKINGS, strict=True) if schedule == "one_shot"]
     for option in ("deepspeed.config", "pruning.compact", "apt.distill"):
         assert {row[option] for row in one_shot} == set(OPTIONS[option])
+    assert set(SCORING) <= set(RANKINGS)
 
 
 @pytest.mark.e2e
@@ -87,7 +92,7 @@ def test_rows_run_every_criterion_and_schedule():
 def test_combination_runs_the_chain(tmp_path, small_corpus, row, ranking):
     criterion, schedule = ranking
     overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
-    overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}"]
+    overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}", *SCORING.get(ranking, [])]
     if row["deepspeed.config"] == Z3:
         overrides.append(f"model.path={user_checkpoint(tmp_path / 'user_model', overrides)}")
     run_chain(tmp_path, small_corpus, overrides)

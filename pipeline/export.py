@@ -19,7 +19,15 @@ from transformers import AutoConfig
 from pipeline import hetero
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet
-from pipeline.apt.slicing import LayerKeep, kept_indices, layer_slices, plan_layer
+from pipeline.apt.slicing import (
+    LayerKeep,
+    biased_layer_error,
+    empty_layers,
+    keep_layers_in_config,
+    kept_indices,
+    layer_slices,
+    plan_layer,
+)
 from pipeline.stage import write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,28 +101,50 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
     Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
-    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in range(shape.num_layers)]
+    base = BaseWeights(base_dir)
+    kept_layers = kept_layer_indices(masks, base)
+    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in kept_layers]
     per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if adapters_path is not None and not adapters_path.is_file():
         raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
     adapters = load_file(str(adapters_path)) if adapters_path is not None else {}
-    base = BaseWeights(base_dir)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards = ShardWriter(tmp, shape.num_layers + 1, dtype)
-    for index, plan in enumerate(plans):
-        shards.write(index, merged_layer(base, adapters, scaling, index, plan, hidden, shape.head_dim))
-    shards.write(shape.num_layers, outer_weights(base, hidden, config.tie_word_embeddings))
+    shards = ShardWriter(tmp, len(kept_layers) + 1, dtype)
+    for index, (source, plan) in enumerate(zip(kept_layers, plans, strict=True)):
+        layer = merged_layer(base, adapters, scaling, source, plan, hidden, shape.head_dim)
+        shards.write(index, renumbered(layer, source, index))
+    shards.write(len(kept_layers), outer_weights(base, hidden, config.tie_word_embeddings))
     shards.write_index()
+    keep_layers_in_config(config, kept_layers)
     pruned_config(config, plans[0], per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
     if per_layer:
         shutil.copyfile(hetero.__file__, tmp / MODELING_FILE)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return {"params": shards.params, "hidden_size": hidden.numel(), **plans[0].sizes(), "per_layer": bool(per_layer)}
+
+
+def kept_layer_indices(masks: MaskSet, base: BaseWeights) -> list[int]:
+    """The layers the export keeps: all but those masked whole, which add nothing (`slicing.empty_layers`)."""
+    removed = empty_layers(masks)
+    for index in removed:
+        biases = [f"model.layers.{index}.{path}.bias" for path in ("self_attn.o_proj", "mlp.down_proj")]
+        if any(name in base for name in biases):
+            raise biased_layer_error(index)
+    kept = [index for index in range(masks.head_mask.shape[0]) if index not in removed]
+    if not kept:
+        raise ValueError("the masks keep no layer")
+    return kept
+
+
+def renumbered(tensors: dict[str, torch.Tensor], source: int, index: int) -> dict[str, torch.Tensor]:
+    """A layer's tensors named for its place among the kept layers."""
+    old, new = f"model.layers.{source}.", f"model.layers.{index}."
+    return {new + name.removeprefix(old): tensor for name, tensor in tensors.items()}
 
 
 def merged_layer(base: BaseWeights, adapters: dict, scaling: float, index: int, plan: LayerKeep,

@@ -87,14 +87,16 @@ class KeptSizes:
         )
 
 
-def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons):
-    """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over layers.
+def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons, layers: int | None = None):
+    """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over `layers` kept layers
+    (default all; a layer masked whole leaves with its two norms, `slicing.empty_layers`).
 
     The count is linear in the per-layer sizes, so layer totals suffice; works on ints and on tensors alike.
     """
+    layers = shape.num_layers if layers is None else layers
     embeddings = shape.vocab_size * (1 if shape.tie_word_embeddings else 2)
-    norms = 2 * shape.num_layers + 1
-    o_biases = shape.num_layers if shape.o_proj_bias else 0
+    norms = 2 * layers + 1
+    o_biases = layers if shape.o_proj_bias else 0
     # q rows + o columns per query head, k + v rows per KV head, gate + up rows + down column per neuron.
     per_hidden_channel = embeddings + norms + o_biases + 2 * shape.head_dim * (heads + kv_heads) + 3 * neurons
     qkv_biases = shape.head_dim * (heads + 2 * kv_heads) if shape.qkv_bias else 0
@@ -106,9 +108,9 @@ def remaining_params(shape: ModelShape, kept: KeptSizes) -> int:
     for name in ("heads", "kv_heads", "neurons"):
         if len(getattr(kept, name)) != shape.num_layers:
             raise ValueError(f"kept.{name} has {len(getattr(kept, name))} entries, expected {shape.num_layers}")
-    return count_params(
-        shape, hidden=kept.hidden, heads=sum(kept.heads), kv_heads=sum(kept.kv_heads), neurons=sum(kept.neurons)
-    )
+    layers = sum(1 for heads, neurons in zip(kept.heads, kept.neurons, strict=True) if heads or neurons)
+    return count_params(shape, hidden=kept.hidden, heads=sum(kept.heads), kv_heads=sum(kept.kv_heads),
+                        neurons=sum(kept.neurons), layers=layers)
 
 
 def total_params(shape: ModelShape) -> int:

@@ -148,8 +148,12 @@ def _check_removable(model: nn.Module, removed: list[int]) -> None:
     for index in removed:
         layer = model.model.layers[index]
         if layer.self_attn.o_proj.bias is not None or layer.mlp.down_proj.bias is not None:
-            raise ValueError(f"layer {index} keeps no head and no neuron but its o_proj or down_proj bias still "
-                             f"adds to the residual stream: it cannot be removed")
+            raise biased_layer_error(index)
+
+
+def biased_layer_error(index: int) -> ValueError:
+    return ValueError(f"layer {index} keeps no head and no neuron but its o_proj or down_proj bias still adds to the "
+                      f"residual stream: it cannot be removed")
 
 
 def drop_layers(model: nn.Module, keep: list[int]) -> None:
@@ -161,6 +165,11 @@ def drop_layers(model: nn.Module, keep: list[int]) -> None:
     decoder.layers = nn.ModuleList([decoder.layers[index] for index in keep])
     for index, layer in enumerate(decoder.layers):
         layer.self_attn.layer_idx = index
+    keep_layers_in_config(config, keep)
+
+
+def keep_layers_in_config(config, keep: list[int]) -> None:
+    """The layer count, and the per-layer attention types (Qwen2's sliding layers) of the kept layers."""
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[index] for index in keep]
     config.num_hidden_layers = len(keep)

@@ -32,7 +32,8 @@ LOAD_WITH_TRANSFORMERS_ONLY = textwrap.dedent("""
         generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
         assert "pipeline" not in sys.modules
         torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters()),
-                    "generated": generated.shape[1], "model_type": model.config.model_type}, folder + "/result.pt")
+                    "generated": generated.shape[1], "model_type": model.config.model_type,
+                    "layers": model.config.num_hidden_layers}, folder + "/result.pt")
 """)
 """Loads each folder's export in a fresh process that has transformers and cannot import the pipeline."""
 
@@ -47,13 +48,16 @@ CASES = {
     "mistral-per_layer-query_in_group": dict(arch="mistral", num_kv_heads=2, mode="query_in_group",
                                              layout="per_layer"),
     "qwen2-bias-per_layer-kv_group": dict(arch="qwen2", num_kv_heads=2, mode="kv_group", layout="per_layer"),
+    "mistral-depth": dict(arch="mistral", num_kv_heads=2, mode="query_in_group", remove_layer=1),
+    "qwen2-bias-per_layer-depth": dict(arch="qwen2", num_kv_heads=2, mode="kv_group", layout="per_layer",
+                                       remove_layer=2),
 }
 
 
 def export_case(case: str, folder, input_ids, tiny_model) -> dict:
     """Export a 3-layer model of `case` with trained-looking adapters pruned to half; what the loader must see."""
     spec = dict(CASES[case])
-    mode, layout = spec.pop("mode"), spec.pop("layout", "uniform")
+    mode, layout, removed = spec.pop("mode"), spec.pop("layout", "uniform"), spec.pop("remove_layer", None)
     model = tiny_model(**spec, num_layers=3)
     model.save_pretrained(str(folder / "base"))
     shape = ModelShape.from_config(model.config)
@@ -74,6 +78,9 @@ def export_case(case: str, folder, input_ids, tiny_model) -> dict:
     if layout == "per_layer":  # layer 0's heads rank first: it keeps more (KV) heads than the others, not only neurons
         scores["head"][0] += 1.0
     masks = search_masks(shape, scores, 0.5, attention_mode=mode, layout=layout, round_to=1, min_hidden=8)
+    if removed is not None:  # the whole layer: it leaves the export, the rest renumbered
+        for row in (masks.head_mask, masks.kv_mask, masks.neuron_mask):
+            row[removed] = 0
     set_masks(model, masks)
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -81,7 +88,7 @@ def export_case(case: str, folder, input_ids, tiny_model) -> dict:
                             scaling=8.0 / 4, dtype=torch.float32, out_dir=folder / "export")
     torch.save(input_ids, folder / "input_ids.pt")
     return {"expected": expected, "summary": summary, "shape": shape, "masks": masks, "layout": layout,
-            "arch": spec["arch"]}
+            "arch": spec["arch"], "layers": shape.num_layers - (removed is not None)}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +114,7 @@ def test_export_loads_in_plain_transformers_with_masked_logits(case, exported):
     result, summary, masks, layout = made["result"], made["summary"], made["masks"], made["layout"]
     torch.testing.assert_close(result["logits"], made["expected"], rtol=0, atol=1e-5)
     assert result["params"] == summary["params"] == remaining_params(made["shape"], kept_sizes(masks))
-    assert result["generated"] == 4 + 5
+    assert result["generated"] == 4 + 5 and result["layers"] == made["layers"]
     assert summary["per_layer"] == (layout == "per_layer")  # the scores above give unequal layers
     if layout == "per_layer":
         kept = kept_sizes(masks)

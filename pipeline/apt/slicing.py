@@ -111,11 +111,12 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if hidden.numel() == 0:
         raise ValueError("hidden_mask keeps no channel")
-    kept_layers = [index for index in range(len(decoder.layers)) if index not in empty_layers(masks)]
+    removed = empty_layers(masks)
+    kept_layers = [index for index in range(len(decoder.layers)) if index not in removed]
     if not kept_layers:
         raise ValueError("the masks keep no layer")
-    if len(kept_layers) < len(decoder.layers):
-        _check_removable(model, [index for index in range(len(decoder.layers)) if index not in kept_layers])
+    if removed:
+        _check_removable(model, removed)
     plans = []
     for index in kept_layers:
         widths = {
@@ -152,6 +153,7 @@ def _check_removable(model: nn.Module, removed: list[int]) -> None:
 
 
 def biased_layer_error(index: int) -> ValueError:
+    """The refusal for a layer masked whole whose sublayer bias would still change the output without it."""
     return ValueError(f"layer {index} keeps no head and no neuron but its o_proj or down_proj bias still adds to the "
                       f"residual stream: it cannot be removed")
 

@@ -25,6 +25,7 @@ from pipeline.apt.slicing import (
     empty_layers,
     keep_layers_in_config,
     kept_indices,
+    kept_layers,
     layer_slices,
     plan_layer,
 )
@@ -102,8 +103,8 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
     base = BaseWeights(base_dir)
-    kept_layers = kept_layer_indices(masks, base)
-    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in kept_layers]
+    kept = kept_layer_indices(masks, base)
+    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in kept]
     per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if adapters_path is not None and not adapters_path.is_file():
@@ -113,13 +114,13 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards = ShardWriter(tmp, len(kept_layers) + 1, dtype)
-    for index, (source, plan) in enumerate(zip(kept_layers, plans, strict=True)):
+    shards = ShardWriter(tmp, len(kept) + 1, dtype)
+    for index, (source, plan) in enumerate(zip(kept, plans, strict=True)):
         layer = merged_layer(base, adapters, scaling, source, plan, hidden, shape.head_dim)
         shards.write(index, renumbered(layer, source, index))
-    shards.write(len(kept_layers), outer_weights(base, hidden, config.tie_word_embeddings))
+    shards.write(len(kept), outer_weights(base, hidden, config.tie_word_embeddings))
     shards.write_index()
-    keep_layers_in_config(config, kept_layers)
+    keep_layers_in_config(config, kept)
     pruned_config(config, plans[0], per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
     if per_layer:
         shutil.copyfile(hetero.__file__, tmp / MODELING_FILE)
@@ -129,16 +130,12 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
 
 
 def kept_layer_indices(masks: MaskSet, base: BaseWeights) -> list[int]:
-    """The layers the export keeps: all but those masked whole, which add nothing (`slicing.empty_layers`)."""
-    removed = empty_layers(masks)
-    for index in removed:
+    """The layers the export keeps (`slicing.kept_layers`), once no layer it removes has a sublayer bias."""
+    for index in empty_layers(masks):
         biases = [f"model.layers.{index}.{path}.bias" for path in ("self_attn.o_proj", "mlp.down_proj")]
         if any(name in base for name in biases):
             raise biased_layer_error(index)
-    kept = [index for index in range(masks.head_mask.shape[0]) if index not in removed]
-    if not kept:
-        raise ValueError("the masks keep no layer")
-    return kept
+    return kept_layers(masks)
 
 
 def renumbered(tensors: dict[str, torch.Tensor], source: int, index: int) -> dict[str, torch.Tensor]:

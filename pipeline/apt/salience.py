@@ -180,10 +180,11 @@ class SalienceAccumulator:
             # leaf that requires grad; the graph below it is unchanged.
             h = h.detach().requires_grad_()
         self.add_activations(block, row, h)
+        held = h.detach() if self.products else None
         if self.after_mask:
-            self._pending[(block, row)] = h.detach() if self.products else None
+            self._pending[(block, row)] = held
         else:
-            h.register_hook(partial(self._on_grad, block, row, h.detach() if self.products else None))
+            h.register_hook(partial(self._on_grad, block, row, held))
         return (h,)
 
     def _on_mask_output(self, block: str, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -111,14 +111,11 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if hidden.numel() == 0:
         raise ValueError("hidden_mask keeps no channel")
-    removed = empty_layers(masks)
-    kept_layers = [index for index in range(len(decoder.layers)) if index not in removed]
-    if not kept_layers:
-        raise ValueError("the masks keep no layer")
-    if removed:
-        _check_removable(model, removed)
+    kept = kept_layers(masks)
+    if len(kept) < len(decoder.layers):
+        _check_removable(model, empty_layers(masks))
     plans = []
-    for index in kept_layers:
+    for index in kept:
         widths = {
             "head_mask": masks.head_mask[index],
             "kv_mask": masks.kv_mask[index],
@@ -129,7 +126,7 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
             if row.numel() != size:
                 raise ValueError(f"{name}[{index}] has {row.numel()} entries; the layer has {attribute}={size}")
         plans.append(plan_layer(index, *widths.values()))
-    drop_layers(model, kept_layers)  # every check has passed: only now does the model change
+    drop_layers(model, kept)  # every check has passed: only now does the model change
     slice_kept(model, plans, hidden)
     return model
 
@@ -140,6 +137,15 @@ def empty_layers(masks: MaskSet) -> list[int]:
     rows = (masks.head_mask, masks.kv_mask, masks.neuron_mask)
     empty = torch.stack([row.amax(dim=1) == 0 for row in rows]).all(dim=0)
     return empty.nonzero().flatten().tolist()
+
+
+def kept_layers(masks: MaskSet) -> list[int]:
+    """Indices of the layers the masks keep: all but those masked whole; masks that keep none are refused."""
+    removed = set(empty_layers(masks))
+    kept = [index for index in range(masks.head_mask.shape[0]) if index not in removed]
+    if not kept:
+        raise ValueError("the masks keep no layer")
+    return kept
 
 
 def _check_removable(model: nn.Module, removed: list[int]) -> None:
@@ -162,8 +168,6 @@ def drop_layers(model: nn.Module, keep: list[int]) -> None:
     """Keep only the decoder layers indexed by `keep`, in place: renumbered for the KV cache, with the config's
     layer count and per-layer attention types (Qwen2's sliding layers) matching, so it saves as a plain model."""
     decoder, config = model.model, model.config
-    if keep == list(range(len(decoder.layers))):
-        return
     decoder.layers = nn.ModuleList([decoder.layers[index] for index in keep])
     for index, layer in enumerate(decoder.layers):
         layer.self_attn.layer_idx = index

@@ -243,6 +243,11 @@ class PruningSection:
     recipes). The window fields are then unused."""
     one_shot_batches: int = 8
     """Global calibration batches (forward and backward, no step) the one-shot scores are summed over."""
+    depth: Literal["off", "auto"] | int = "off"
+    """Whole decoder layers as prunable units (measured shape search only): off: widths only; auto: each choice
+    also weighs cutting the k layers of lowest block influence (k = 1, 2, ...; the rest of the budget on widths)
+    against the width-only shapes, by loss; a number: the layers the final model keeps, reached along the
+    schedule. A layer cut is masked whole while it trains and left out of the export (docs/design.md §4)."""
     salience_gradient: Literal["before_mask", "after_mask"] = "before_mask"
     """Which gradient the apt and taylor criteria use: before_mask: ∂L/∂H of the activation H the mask multiplies
     (a channel's score shrinks with its own mask as it fades); after_mask: ∂L/∂(m⊙H), the channel's score as if
@@ -257,6 +262,7 @@ class PruningSection:
         if self.shape_batches < 1:
             out.append(f"shape_batches: {self.shape_batches} must be >= 1")
         out += self._target_shape_problems()
+        out += self._depth_problems()
         if not 0.0 <= self.compact_min_fraction <= 1.0:
             out.append(f"compact_min_fraction: {self.compact_min_fraction} must be in [0, 1]")
         if not 0.0 < self.target_remaining <= 1.0:
@@ -272,6 +278,20 @@ class PruningSection:
         if self.min_hidden < 1:
             out.append(f"min_hidden: {self.min_hidden} must be >= 1")
 
+        return out
+
+    def _depth_problems(self) -> list[str]:
+        """Layer cuts are chosen among measured candidates; whether a count fits the model is checked at preflight."""
+        if self.depth == "off":
+            return []
+        out = []
+        if isinstance(self.depth, int) and self.depth < 1:
+            out.append(f"depth: {self.depth} layers to keep must be >= 1 (or off / auto)")
+        if self.shape_search != "measured":
+            out.append(f"depth: {self.depth!r} needs shape_search measured (layer cuts are chosen by loss), got "
+                       f"{self.shape_search!r}")
+        if self.target_shape is not None:
+            out.append(f"depth: {self.depth!r} with a target_shape is not supported: give one of them")
         return out
 
     def _target_shape_problems(self) -> list[str]:
@@ -621,8 +641,13 @@ def _coerce(value, hint):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
+        expected = []
+        for inner in (a for a in args if a is not type(None)):  # the first type that takes the value
+            try:
+                return _coerce(value, inner)
+            except TypeError as e:
+                expected.append(str(e))
+        raise TypeError(" or ".join(expected))
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):
             return value

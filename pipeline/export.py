@@ -18,11 +18,10 @@ from transformers import AutoConfig
 
 from pipeline import hetero
 from pipeline.apt.blocks import ModelShape
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.apt.slicing import (
     LayerKeep,
     biased_layer_error,
-    empty_layers,
     keep_layers_in_config,
     kept_indices,
     kept_layers,

@@ -44,7 +44,7 @@ def check(cfg: RunConfig, *, tracking_server: bool = True) -> None:
         problems += config_problems + weight_problems(Path(cfg.model.path))
         vocab_size = model_config.get("vocab_size") if model_config else None
     chat_template = False  # a trained or SentencePiece .model tokenizer has none
-    problems += target_shape_problems(cfg)
+    problems += target_shape_problems(cfg) + depth_problems(cfg)
     if cfg.tokenizer.path is not None:
         chat_template, tokenizer_issues = inspect_tokenizer(cfg.tokenizer.path, vocab_size,
                                                             cfg.model.trust_remote_code)
@@ -99,6 +99,17 @@ def target_shape_problems(cfg: RunConfig) -> list[str]:
         return []  # an unreadable model is reported by checkpoint_config
     problems = shapes.target_shape_problems(shape, cfg.pruning.target_shape, cfg.pruning.attention_mode)
     return [f"pruning.target_shape: {problem}" for problem in problems]
+
+
+def depth_problems(cfg: RunConfig) -> list[str]:
+    """A `pruning.depth` layer count the model has room for: at least one layer cut, at least one kept."""
+    depth = cfg.pruning.depth
+    if not isinstance(depth, int) or (shape := configured_shape(cfg.model)) is None:
+        return []
+    if not 1 <= depth < shape.num_layers:
+        return [f"pruning.depth: {depth} layers to keep; the model has {shape.num_layers}, so it must be in "
+                f"[1, {shape.num_layers - 1}] (or off / auto)"]
+    return []
 
 
 def configured_shape(model) -> ModelShape | None:

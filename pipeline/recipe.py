@@ -56,7 +56,15 @@ from pipeline.export import write_compacted_base
 from pipeline.layout import RunLayout
 from pipeline.model_io import model_shape
 from pipeline.resume import ResumePoint, keep_global_batch, latest_meta, resume_point, write_meta
-from pipeline.shape_choice import ShapeChoice, choose_shape, describe, final_remaining, search_target
+from pipeline.shape_choice import (
+    ShapeChoice,
+    candidate_line,
+    choose_shape,
+    describe,
+    final_remaining,
+    influence_order,
+    search_target,
+)
 from pipeline.stage import WriteFailed, save_tensors, write_atomic, write_failure
 from pipeline.teacher import DTYPES, SharedTeacher, load_teacher, materialize
 from pipeline.tracking import metric_logger
@@ -308,7 +316,8 @@ class AptFinetuneRecipe:
         state.ema = criteria.block_scores(pruning.criterion, self.salience, self.fixed_scores, state.alive).to("cpu")
         self.salience.reset()
         state.target, shapes, choice = search_target(self.shape, state.ema, final_remaining(pruning, self.shape),
-                                                     pruning, measure=self.measure_shapes)
+                                                     pruning, measure=self.measure_shapes,
+                                                     layer_order=self.measure_layers())
         state.masks = MaskSet.from_dict({name: mask.clone() for name, mask in state.target.to_dict().items()})
         set_masks(self.engine.module, state.masks)
         if dist.is_main():
@@ -326,8 +335,11 @@ class AptFinetuneRecipe:
                                  final=final_remaining(pruning, self.original_shape))
         if updates.in_update_window(state.step, pruning):
             budget = physical_fraction(rho, self.original_shape, self.shape)
-            shapes, choice = updates.salience_update(self.salience, state, self.shape, budget, self.cfg.apt, pruning,
-                                                     measure=self.measure_shapes, fixed=self.fixed_scores)
+            final = final_remaining(pruning, self.original_shape)
+            shapes, choice = updates.salience_update(
+                self.salience, state, self.shape, budget, self.cfg.apt, pruning, measure=self.measure_shapes,
+                fixed=self.fixed_scores, layer_order=self.measure_layers(),
+                progress=(1 - rho) / (1 - final) if final < 1 else 1.0)
             if dist.is_main():
                 updates.save_update(self.layout.updates, state)
                 log_choice(state.step, self.shape, shapes, choice)
@@ -341,6 +353,16 @@ class AptFinetuneRecipe:
         try:
             return choose_shape(self.engine, candidates, self.shape_batches,
                                 lambda masks: set_masks(self.engine.module, masks), restore=self.state.masks)
+        finally:
+            self.salience.enabled = True
+
+    def measure_layers(self) -> list[int] | None:
+        """The layers by block influence on the shape batches, where `pruning.depth` cuts layers (collective)."""
+        if self.cfg.pruning.depth == "off":
+            return None
+        self.salience.enabled = False  # these forwards are not the student's salience either
+        try:
+            return influence_order(self.engine, self.shape_batches)
         finally:
             self.salience.enabled = True
 
@@ -494,15 +516,7 @@ def log_choice(step: int, shape: ModelShape, shapes: list, choice: ShapeChoice |
     if choice is None:
         return
     for row in describe(shape, shapes, choice):
-        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
-        log.info("step %d shape candidate: hidden %d, heads %s, neurons %s (%.3f of this model): loss %s%s", step,
-                 row["hidden"], per_layer(row["heads"]), per_layer(row["neurons"]), row["remaining_fraction"], loss,
-                 " (chosen)" if row["chosen"] else "")
-
-
-def per_layer(sizes: list[int]):
-    """One number when every layer has it, else the list."""
-    return sizes[0] if len(set(sizes)) == 1 else sizes
+        log.info("step %d shape candidate: %s", step, candidate_line(row))
 
 
 def resumable_write_failure(error: BaseException, checkpoints: Path, tag: str) -> WriteFailed | None:

@@ -10,6 +10,7 @@ stage both use it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import dist
-from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes, total_params
+from pipeline.apt.depth import (
+    BlockInfluence,
+    cut_counts,
+    cut_layers,
+    layer_rows,
+    mask_rows,
+    sizes_with_layers_cut,
+    with_layers_cut,
+    without_layers,
+)
+from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.apt.search import search_masks
 from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
 
@@ -81,6 +92,25 @@ def choose_shape(
     return ShapeChoice(index=best, losses=losses, tokens=int(sums[1]))
 
 
+def influence_order(model, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+    """The layers by ShortGPT's block influence on `batches` (its share on each rank), lowest first: the order in
+    which `pruning.depth` cuts them. Forward only, eval mode, no grad; ONE SUM all-reduce, so all ranks agree."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model, or the model itself
+    influence = BlockInfluence(len(module.model.layers), device=dist.device())
+    influence.attach(module)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=dist.to_device(batch)["input_ids"])
+    finally:
+        influence.detach()
+        model.train(was_training)
+    influence.load_packed(dist.all_reduce_sum(influence.pack()))
+    return influence.scores().cpu().argsort(stable=True).tolist()
+
+
 def loss_sum(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[loss × scored tokens, scored tokens] of one batch (float64, on its device): the mean weighted into a sum."""
     input_ids = batch["input_ids"]
@@ -119,6 +149,8 @@ def search_target(
     *,
     measure: Callable[[list[MaskSet]], ShapeChoice] | None = None,
     alive: MaskSet | None = None,
+    layer_order: Sequence[int] | None = None,
+    progress: float = 1.0,
 ) -> tuple[MaskSet, list[KeptSizes], ShapeChoice | None]:
     """Binary target masks at remaining fraction `rho` of `shape` (the physical one), by `pruning.shape_search`.
 
@@ -126,21 +158,58 @@ def search_target(
     within itself, `pruning.shape_candidates` of them), masks of each by `masks_for_shape`, and `measure(masks)`
     (e.g. `lambda m: choose_shape(engine, m, batches, set_fn, restore=current)`) picks one; without `measure` the
     first candidate (the even split) is taken. With `pruning.target_shape` the one candidate is the path to that
-    shape. `alive` keeps pruned blocks pruned while the budget allows (finalize). Returns the masks, the candidate
-    shapes and the choice (None where nothing was measured).
+    shape. `alive` keeps pruned blocks pruned while the budget allows (finalize). Under `pruning.depth` the
+    candidates also cut whole layers, lowest in `layer_order` first (`progress`: how far the schedule is, 0..1).
+    Returns the masks, the candidate shapes and the choice (None where nothing was measured).
     """
-    target = target_kept(pruning, shape)
-    options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
-    if pruning.shape_search == "global" and target is None:
+    if pruning.shape_search == "global" and pruning.target_shape is None:
+        options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
         masks = search_masks(shape, scores, rho, round_to=pruning.round_to, min_hidden=pruning.min_hidden, **options)
         return masks, [kept_sizes(masks)], None
-    shapes = candidate_shapes(shape, rho, scores=scores, round_to=pruning.round_to, min_hidden=pruning.min_hidden,
-                              count=pruning.shape_candidates, alive=alive, target=target, **options)
-    candidates = [masks_for_shape(shape, scores, kept, alive=alive, **options) for kept in shapes]
+    forced = [] if alive is None else empty_layers(alive)
+    budget = math.floor(rho * total_params(shape))
+
+    def fits(cut: int) -> bool:  # the model without `cut` layers holds more than the budget at full width
+        return total_params(dataclasses.replace(shape, num_layers=shape.num_layers - cut)) > budget
+
+    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits)
+    if layer_order is None and max(counts) > len(forced):
+        raise ValueError("cutting layers needs their order (layer_order)")
+    proposals: dict[KeptSizes, MaskSet] = {}
+    for index, count in enumerate(counts):  # the fewest cuts first: every split; then one even split per cut
+        removed = cut_layers(layer_order or [], forced, count)
+        for kept, masks in shapes_without(shape, scores, rho, pruning, removed, alive,
+                                          pruning.shape_candidates if index == 0 else 1):
+            proposals.setdefault(kept, masks)
+    shapes, candidates = list(proposals), list(proposals.values())
     if len(candidates) == 1 or measure is None:
         return candidates[0], shapes, None
     choice = measure(candidates)
     return candidates[choice.index], shapes, choice
+
+
+def shapes_without(shape: ModelShape, scores, rho: float, pruning, removed: Sequence[int], alive: MaskSet | None,
+                   count: int) -> list[tuple[KeptSizes, MaskSet]]:
+    """Up to `count` candidate shapes (and their masks) within ⌊rho·total⌋ parameters with the `removed` layers cut
+    whole: the width search on the layers kept, placed back among all of them."""
+    options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
+    small, kept_layers = without_layers(shape, removed)
+    small_scores = layer_rows(scores, kept_layers) if removed else scores
+    small_alive = mask_rows(alive, kept_layers) if removed and alive is not None else alive
+    fraction = rho
+    if removed:  # the same budget in parameters; half a parameter over it so the search's floor lands on it
+        fraction = min(1.0, (math.floor(rho * total_params(shape)) + 0.5) / total_params(small))
+    shapes = candidate_shapes(small, fraction, scores=small_scores, round_to=pruning.round_to,
+                              min_hidden=pruning.min_hidden, count=count, alive=small_alive,
+                              target=target_kept(pruning, small), **options)
+    proposals = []
+    for kept in shapes:
+        masks = masks_for_shape(small, small_scores, kept, alive=small_alive, **options)
+        if removed:
+            kept, masks = (sizes_with_layers_cut(kept, kept_layers, shape.num_layers),
+                           with_layers_cut(masks, kept_layers, shape.num_layers))
+        proposals.append((kept, masks))
+    return proposals
 
 
 def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice | None) -> list[dict]:
@@ -148,8 +217,25 @@ def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice
     rows = []
     for index, kept in enumerate(shapes):
         loss = None if choice is None else choice.losses[index]
+        cut = [layer for layer, (heads, neurons) in enumerate(zip(kept.heads, kept.neurons, strict=True))
+               if heads == 0 and neurons == 0]
         rows.append({"hidden": kept.hidden, "heads": list(kept.heads), "kv_heads": list(kept.kv_heads),
-                     "neurons": list(kept.neurons), "remaining_fraction": shape_fraction(shape, kept),
+                     "neurons": list(kept.neurons), "cut_layers": cut,
+                     "remaining_fraction": shape_fraction(shape, kept),
                      "loss": loss if loss is not None and math.isfinite(loss) else None,
                      "chosen": index == (0 if choice is None else choice.index)})
     return rows
+
+
+def candidate_line(row: dict) -> str:
+    """One `describe` row for the log: sizes (one number where the kept layers agree), cut layers, loss."""
+    kept = [layer for layer in range(len(row["heads"])) if layer not in row["cut_layers"]]
+
+    def sizes(values: list[int]):
+        values = [values[layer] for layer in kept]
+        return values[0] if len(set(values)) == 1 else values
+
+    cut = f", layers {row['cut_layers']} cut" if row["cut_layers"] else ""
+    loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+    return (f"hidden {row['hidden']}, heads {sizes(row['heads'])}, neurons {sizes(row['neurons'])}{cut} "
+            f"({row['remaining_fraction']:.3f} of this model): loss {loss}{' (chosen)' if row['chosen'] else ''}")

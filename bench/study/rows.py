@@ -38,6 +38,8 @@ ROWS = {
     "apt-one-shot": Row("APT's salience, one-shot", {"pruning": {"criterion": "apt", **ONE_SHOT}}),
     "apt-after-mask": Row("APT, salience gradient after the mask", {"pruning": {"salience_gradient": "after_mask"}}),
     "apt-no-outlier": Row("APT, no outlier (kurtosis) term", {"apt": {"outlier_term": False}}),
+    "apt-depth": Row("APT, 4 of 8 layers kept (pruning.depth=4)", {"pruning": {"depth": 4}}),
+    "apt-auto": Row("APT, layer cuts or widths by loss (pruning.depth=auto)", {"pruning": {"depth": "auto"}}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
                                                              "apt": {"distill": False, "grow_every": 0}}),
 }
@@ -55,7 +57,7 @@ EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
-             "apt-one-shot", "apt-after-mask", "apt-no-outlier")
+             "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-depth", "apt-auto")
 """Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
 ABLATION_TARGET = 0.5
 NO_RECOVERY = tuple(NO_RECOVERY_ROWS)
@@ -75,5 +77,5 @@ def ingredients(cfg) -> dict:
             "grow": apt.grow_every > 0, "steps": train.steps,
             "tokens": train.steps * train.micro_batch_size * train.grad_accum * cfg.data.seq_len,
             "teacher_forwards": teacher_steps, "shape_search": pruning.shape_search,
-            "salience_gradient": pruning.salience_gradient, "outlier_term": apt.outlier_term,
+            "salience_gradient": pruning.salience_gradient, "outlier_term": apt.outlier_term, "depth": pruning.depth,
             "calibration_batches": pruning.one_shot_batches if pruning.schedule == "one_shot" else 0}

@@ -188,14 +188,16 @@ def no_recovery_table(results: dict) -> str:
 
 def detail_table(results: dict) -> str:
     """Every run: size and shape, steps at its final structure, perplexity, finetune time."""
-    lines = ["| target | row | seed | parameters | remaining | hidden / heads (KV) / neurons per layer | steps at "
-             "final structure | perplexity | finetune s |", "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| target | row | seed | parameters | remaining | hidden / heads (KV) / neurons per layer × layers | "
+             "steps at final structure | perplexity | finetune s |", "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     order = [*MAIN, *ABLATIONS, *NO_RECOVERY, LORA]
+    dense_layers = results["settings"]["pretrain"]["num_layers"]  # records before depth pruning lack "layers"
     for run in sorted(results["runs"], key=lambda r: (-r["target"], order.index(r["method"]), r["seed"])):
         kept = run["kept"]
         lines.append(f"| {run['target']} | {ROWS[run['method']].label} | {run['seed']} | {run['params']:,} | "
                      f"{run['params'] / results['dense']['params']:.4f} | {kept['hidden']} / {kept['heads']} "
-                     f"({kept['kv_heads']}) / {kept['neurons']} | {run['final_structure_steps']} | "
+                     f"({kept['kv_heads']}) / {kept['neurons']} × {kept.get('layers', dense_layers)} | "
+                     f"{run['final_structure_steps']} | "
                      f"{run['perplexity']:.2f} | {run['finetune_wall_seconds']:.1f} |")
     return "\n".join(lines)
 

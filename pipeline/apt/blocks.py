@@ -89,7 +89,7 @@ class KeptSizes:
 
 def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons, layers: int | None = None):
     """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over `layers` kept layers
-    (default all; a layer masked whole leaves with its two norms, `slicing.empty_layers`).
+    (default all; a layer masked whole leaves with its two norms, `masks.empty_layers`).
 
     The count is linear in the per-layer sizes, so layer totals suffice; works on ints and on tensors alike.
     """

@@ -8,11 +8,16 @@ batches. Nothing is stored per token.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.apt.blocks import KeptSizes, ModelShape
+from pipeline.apt.masks import MaskSet
 
 
 class BlockInfluence:
@@ -66,3 +71,77 @@ class BlockInfluence:
         if flat.numel() != self.sums.numel():
             raise ValueError(f"packed buffer has {flat.numel()} elements; expected {self.sums.numel()}")
         self.sums.copy_(flat.view_as(self.sums))
+
+
+# ---- layer cuts in the shape search ------------------------------------------------------------------------
+
+
+def cut_counts(depth: str | int, num_layers: int, forced: int, progress: float,
+               fits: Callable[[int], bool]) -> list[int]:
+    """How many layers the candidates of one shape choice cut, by `pruning.depth`.
+
+    off: none (or the `forced` layers already gone); a number N: round((L − N) · progress), the schedule's share of
+    the final cut; auto: every k from `forced` up while the model without k layers still holds more than the
+    budget at full width (`fits(k)`), so widths spend the rest of it exactly.
+    """
+    if depth == "off":
+        return [forced]
+    if depth == "auto":
+        counts = [forced]
+        while counts[-1] + 1 < num_layers and fits(counts[-1] + 1):
+            counts.append(counts[-1] + 1)
+        return counts
+    final = num_layers - int(depth)
+    return [max(forced, min(final, round(final * min(max(progress, 0.0), 1.0))))]
+
+
+def cut_layers(order: Sequence[int], forced: Sequence[int], count: int) -> tuple[int, ...]:
+    """The `count` layers a candidate cuts: the `forced` ones (already gone), then the lowest in `order`."""
+    removed = list(forced)
+    removed += [layer for layer in order if layer not in removed][:max(0, count - len(removed))]
+    return tuple(sorted(removed))
+
+
+def without_layers(shape: ModelShape, removed: Sequence[int]) -> tuple[ModelShape, list[int]]:
+    """The shape of the model with `removed` layers gone, and the original indices of the layers it keeps."""
+    kept = [layer for layer in range(shape.num_layers) if layer not in set(removed)]
+    return dataclasses.replace(shape, num_layers=len(kept)), kept
+
+
+def layer_rows(scores, kept: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Head and neuron rows of the kept layers (hidden as it is), from a mapping or `SalienceScores`."""
+    read = (lambda name: scores[name]) if isinstance(scores, Mapping) else (lambda name: getattr(scores, name))
+    rows = torch.tensor(list(kept))
+    return {"head": read("head")[rows], "neuron": read("neuron")[rows], "hidden": read("hidden")}
+
+
+def mask_rows(masks: MaskSet, kept: Sequence[int]) -> MaskSet:
+    """The kept layers' masks."""
+    rows = torch.tensor(list(kept))
+    return MaskSet(head_mask=masks.head_mask[rows], kv_mask=masks.kv_mask[rows], neuron_mask=masks.neuron_mask[rows],
+                   hidden_mask=masks.hidden_mask)
+
+
+def with_layers_cut(masks: MaskSet, kept: Sequence[int], num_layers: int) -> MaskSet:
+    """Masks of the kept layers placed back among `num_layers`, every other layer masked whole."""
+    rows = torch.tensor(list(kept))
+
+    def place(small: torch.Tensor) -> torch.Tensor:
+        full = small.new_zeros(num_layers, small.shape[1])
+        full[rows] = small
+        return full
+
+    return MaskSet(head_mask=place(masks.head_mask), kv_mask=place(masks.kv_mask),
+                   neuron_mask=place(masks.neuron_mask), hidden_mask=masks.hidden_mask)
+
+
+def sizes_with_layers_cut(kept_sizes: KeptSizes, kept: Sequence[int], num_layers: int) -> KeptSizes:
+    """`kept_sizes` of the kept layers placed back among `num_layers`, zero for every cut layer."""
+    def place(values: tuple[int, ...]) -> tuple[int, ...]:
+        full = [0] * num_layers
+        for layer, value in zip(kept, values, strict=True):
+            full[layer] = value
+        return tuple(full)
+
+    return KeptSizes(hidden=kept_sizes.hidden, heads=place(kept_sizes.heads), kv_heads=place(kept_sizes.kv_heads),
+                     neurons=place(kept_sizes.neurons))

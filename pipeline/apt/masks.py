@@ -56,7 +56,12 @@ class MaskSet:
         layers, num_kv, group = shape.num_layers, shape.num_kv_heads, shape.group_size
         heads_in_group = (self.head_mask > 0).reshape(layers, num_kv, group).sum(dim=2)
         kv_kept = self.kv_mask > 0
+        removed = empty_layers(self)
+        if len(removed) == layers:
+            raise ValueError("every layer is removed")
         for layer in range(layers):
+            if layer in removed:  # a whole layer masked: the export leaves it out (pruning.depth)
+                continue
             orphans = ((heads_in_group[layer] > 0) & ~kv_kept[layer]).nonzero().flatten().tolist()
             if orphans:
                 raise ValueError(f"layer {layer}: query heads survive in KV groups {orphans} whose KV head is pruned")
@@ -86,6 +91,14 @@ class MaskSet:
         for name, size in expected.items():
             if tuple(getattr(self, name).shape) != size:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {size}")
+
+
+def empty_layers(masks: MaskSet) -> list[int]:
+    """Layers whose masks keep no query head, no KV head and no neuron: with no o_proj or down_proj bias in these
+    families such a layer adds nothing to the residual stream, so removing it leaves the output unchanged."""
+    rows = (masks.head_mask, masks.kv_mask, masks.neuron_mask)
+    empty = torch.stack([row.amax(dim=1) <= 0 for row in rows]).all(dim=0)
+    return empty.nonzero().flatten().tolist()
 
 
 def step_toward(current: MaskSet, target: MaskSet, alpha: float) -> MaskSet:

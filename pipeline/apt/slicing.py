@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.apt.adapters import APTLinear, MaskStore
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.masks import MaskSet, empty_layers
 
 Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
 """Parameters -> a context in which their full values can be read (ZeRO-3: `deepspeed.zero.GatheredParameters`)."""
@@ -129,14 +129,6 @@ def slice_model(model: nn.Module, masks: MaskSet) -> nn.Module:
     drop_layers(model, kept)  # every check has passed: only now does the model change
     slice_kept(model, plans, hidden)
     return model
-
-
-def empty_layers(masks: MaskSet) -> list[int]:
-    """Layers whose masks keep no query head, no KV head and no neuron: with no o_proj or down_proj bias in these
-    families such a layer adds nothing to the residual stream, so removing it leaves the output unchanged."""
-    rows = (masks.head_mask, masks.kv_mask, masks.neuron_mask)
-    empty = torch.stack([row.amax(dim=1) == 0 for row in rows]).all(dim=0)
-    return empty.nonzero().flatten().tolist()
 
 
 def kept_layers(masks: MaskSet) -> list[int]:

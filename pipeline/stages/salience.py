@@ -25,7 +25,16 @@ from pipeline.config import SalienceConfig
 from pipeline.ds_config import load_ds_config
 from pipeline.layout import RunLayout, compaction_survivors, finetune_masks
 from pipeline.model_io import model_shape
-from pipeline.shape_choice import SHAPE_MASKS, SHAPE_REPORT, choose_shape, describe, final_remaining, search_target
+from pipeline.shape_choice import (
+    SHAPE_MASKS,
+    SHAPE_REPORT,
+    candidate_line,
+    choose_shape,
+    describe,
+    final_remaining,
+    influence_order,
+    search_target,
+)
 from pipeline.stage import save_tensors, write_atomic
 from pipeline.training import BatchOrder, seed_everything
 
@@ -93,15 +102,14 @@ def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: Mo
         return choose_shape(engine, candidates, held_out, lambda masks: set_masks(engine.module, masks),
                             restore=trained)
 
+    order = None if pruning.depth == "off" else influence_order(engine, held_out)  # on the fine-tune's masks
     # The search runs on the CPU, beside the fine-tune's masks; the scores come from the device.
-    masks, shapes, choice = search_target(shape, scores.to("cpu"), budget, pruning, measure=measure, alive=trained)
+    masks, shapes, choice = search_target(shape, scores.to("cpu"), budget, pruning, measure=measure, alive=trained,
+                                          layer_order=order)
     rows = describe(shape, shapes, choice)
     if dist.is_main():
         folder = layout.salience.parent
         save_tensors(masks.to_dict(), folder / SHAPE_MASKS)
         write_atomic(folder / SHAPE_REPORT, json.dumps({"remaining_fraction": budget, "candidates": rows}, indent=2))
     for row in rows:
-        log.info("shape candidate: hidden %d, heads %s, neurons %s: %.4f of the parameters, loss %s%s", row["hidden"],
-                 row["heads"][0] if len(set(row["heads"])) == 1 else row["heads"],
-                 row["neurons"][0] if len(set(row["neurons"])) == 1 else row["neurons"], row["remaining_fraction"],
-                 "-" if row["loss"] is None else f"{row['loss']:.4f}", " (chosen)" if row["chosen"] else "")
+        log.info("shape candidate: %s", candidate_line(row))

@@ -51,6 +51,10 @@ SCORING = {("taylor", "gradual"): ["pruning.salience_gradient=after_mask"],
            ("apt", "one_shot"): ["apt.outlier_term=false"]}
 """The salience's own options, each on a row whose ranking reads it: the gradient after the mask where masks fade
 (gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term."""
+DEPTH = {("magnitude", "gradual"): ["pruning.depth=1"], ("apt", "one_shot"): ["pruning.depth=1"],
+         ("activation", "gradual"): ["pruning.depth=auto"], ("taylor", "one_shot"): ["pruning.depth=auto"]}
+"""Whole layers as units (the tiny model has two): one kept layer, reached along the schedule (ZeRO-3, per-layer,
+compaction) or at once (ZeRO-2, uniform, one-shot), and auto weighing a cut against widths (both ZeRO stages)."""
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
         "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
@@ -83,7 +87,9 @@ def test_rows_run_every_criterion_and_schedule():
     one_shot = [row for row, (_, schedule) in zip(ROWS, RANKINGS, strict=True) if schedule == "one_shot"]
     for option in ("deepspeed.config", "pruning.compact", "apt.distill"):
         assert {row[option] for row in one_shot} == set(OPTIONS[option])
-    assert set(SCORING) <= set(RANKINGS)
+    assert set(SCORING) <= set(RANKINGS) and set(DEPTH) <= set(RANKINGS)
+    depth_rows = [row for row, ranking in zip(ROWS, RANKINGS, strict=True) if ranking in DEPTH]
+    assert {row["deepspeed.config"] for row in depth_rows} == set(OPTIONS["deepspeed.config"])
 
 
 @pytest.mark.e2e
@@ -92,12 +98,15 @@ def test_rows_run_every_criterion_and_schedule():
 def test_combination_runs_the_chain(tmp_path, small_corpus, row, ranking):
     criterion, schedule = ranking
     overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
-    overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}", *SCORING.get(ranking, [])]
+    overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}", *SCORING.get(ranking, []),
+                  *DEPTH.get(ranking, [])]
     if row["deepspeed.config"] == Z3:
         overrides.append(f"model.path={user_checkpoint(tmp_path / 'user_model', overrides)}")
     run_chain(tmp_path, small_corpus, overrides)
     if schedule == "one_shot":
         assert_pruned_before_step_one(tmp_path / "tiny", compacted=row["pruning.compact"])
+    if "pruning.depth=1" in DEPTH.get(ranking, []):
+        assert_one_layer_left(tmp_path / "tiny")
 
 
 @pytest.mark.e2e
@@ -116,6 +125,14 @@ def assert_pruned_before_step_one(run_dir, compacted: bool) -> None:
     summary = json.loads((run_dir / "finetune" / "manifest.json").read_text())["summary"]
     assert [event["step"] for event in summary["compactions"]] == ([0] if compacted else [])
     assert (rows[0]["model_params"] < 1) == compacted
+
+
+def assert_one_layer_left(run_dir) -> None:
+    """`pruning.depth=1`: finalize cut one of the two layers whole and the export has one."""
+    report = json.loads((run_dir / "finalize" / "masks.json").read_text())
+    assert sorted(report["kept_neurons"])[0] == 0 and sorted(report["kept_heads"])[0] == 0
+    config = json.loads((run_dir / "merge" / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
 
 
 def user_checkpoint(directory, overrides: list[str]):

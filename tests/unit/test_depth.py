@@ -1,9 +1,20 @@
-"""Whole layers as units: ShortGPT's block influence merges exactly and matches the hidden states it is read from."""
+"""Whole layers as units: ShortGPT's block influence merges exactly and matches the hidden states it is read from;
+the shape search weighs layer cuts against widths within the same budget."""
 
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.apt.depth import BlockInfluence
+from pipeline import preflight
+from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.depth import BlockInfluence, cut_counts
+from pipeline.apt.masks import MaskSet, empty_layers
+from pipeline.config import ConfigError, PruningSection
+from pipeline.shape_choice import search_target
 
 
 def test_block_influence_is_one_minus_the_mean_cosine_between_a_layers_input_and_output(tiny_model, input_ids):
@@ -37,3 +48,98 @@ def test_sums_merged_over_batches_equal_one_pass_over_all_of_them(tiny_model, in
     # float32 forwards of one row and of two differ in rounding only
     torch.testing.assert_close(merged.scores(), whole.scores(), rtol=1e-6, atol=1e-9)
     assert torch.equal(merged.sums[1], whole.sums[1])
+
+
+# ---- layer cuts in the shape search ------------------------------------------------------------------------
+
+SHAPE = ModelShape(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                   intermediate_size=48, tie_word_embeddings=False, qkv_bias=False)
+ORDER = [2, 0, 3, 1]
+"""Layers by influence, lowest first: a cut of k layers takes the first k."""
+
+
+def scores(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"head": torch.rand(4, 4, generator=generator), "neuron": torch.rand(4, 48, generator=generator),
+            "hidden": torch.rand(32, generator=generator)}
+
+
+def pruning(**fields) -> PruningSection:
+    return dataclasses.replace(PruningSection(attention_mode="kv_group", round_to=8, min_hidden=8), **fields)
+
+
+def last(masks_list):
+    """A measure that picks the last candidate (the most layers cut)."""
+    return SimpleNamespace(index=len(masks_list) - 1, losses=(0.0,) * len(masks_list))
+
+
+def test_cut_counts_follow_the_depth_option():
+    assert cut_counts("off", 8, 0, 0.5, lambda cut: True) == [0]
+    assert cut_counts("off", 8, 2, 0.5, lambda cut: True) == [2]  # cut layers never come back
+    assert cut_counts(6, 8, 0, 0.0, lambda cut: True) == [0]
+    assert cut_counts(6, 8, 0, 0.5, lambda cut: True) == [1]
+    assert cut_counts(6, 8, 0, 1.0, lambda cut: True) == [2]
+    assert cut_counts("auto", 8, 0, 0.5, lambda cut: cut <= 3) == [0, 1, 2, 3]
+    assert cut_counts("auto", 8, 1, 0.5, lambda cut: True) == list(range(1, 8))  # at least one layer is kept
+
+
+def test_auto_weighs_layer_cuts_against_widths_within_the_budget():
+    budget = math.floor(0.5 * total_params(SHAPE))
+    _, width_only, _ = search_target(SHAPE, scores(), 0.5, pruning(), measure=last)
+    masks, shapes, _ = search_target(SHAPE, scores(), 0.5, pruning(depth="auto"), measure=last, layer_order=ORDER)
+    assert shapes[:len(width_only)] == width_only  # the width-only candidates come first, unchanged
+    cuts = [empty_layers_of(kept) for kept in shapes[len(width_only):]]
+    assert cuts == [sorted(ORDER[:k]) for k in range(1, len(cuts) + 1)] and len(cuts) >= 2
+    neuron_step = 3 * 8 * SHAPE.hidden_size * SHAPE.num_layers  # round_to neurons in every layer
+    for kept in shapes:
+        assert budget - neuron_step < remaining_params(SHAPE, kept) <= budget
+    assert empty_layers(masks) == cuts[-1]  # the measured choice: the last candidate
+    masks.check_gqa(SHAPE, "kv_group")  # a whole layer cut is a loadable shape
+    assert kept_sizes(masks) == shapes[-1]
+
+
+def test_a_layer_count_is_reached_along_the_schedule():
+    for progress, cut in ((0.0, []), (0.5, [2]), (1.0, [0, 2])):
+        masks, shapes, _ = search_target(SHAPE, scores(), 0.5, pruning(depth=2), measure=last, layer_order=ORDER,
+                                         progress=progress)
+        assert all(empty_layers_of(kept) == cut for kept in shapes) and empty_layers(masks) == cut
+
+
+def test_a_cut_layer_stays_cut_when_alive_says_so():
+    alive, _, _ = search_target(SHAPE, scores(), 0.6, pruning(depth=3), layer_order=ORDER)
+    assert empty_layers(alive) == [2]
+    _, shapes, _ = search_target(SHAPE, scores(1), 0.5, pruning(depth="auto"), measure=last, alive=alive,
+                                 layer_order=[1, 0, 3, 2])
+    assert all(2 in empty_layers_of(kept) for kept in shapes)  # forced, whatever the order says
+    assert [empty_layers_of(kept) for kept in shapes[1:]][-1][:2] == [1, 2]
+
+
+def test_check_gqa_takes_a_whole_layer_cut_but_not_half_of_one():
+    masks = MaskSet.ones(SHAPE)
+    masks.head_mask[1] = masks.kv_mask[1] = masks.neuron_mask[1] = 0
+    masks.check_gqa(SHAPE, "kv_group")
+    masks.neuron_mask[1, 0] = 1
+    with pytest.raises(ValueError, match="layer 1 keeps no attention head"):
+        masks.check_gqa(SHAPE, "kv_group")
+    every = MaskSet.ones(SHAPE)
+    every.head_mask[:] = every.kv_mask[:] = every.neuron_mask[:] = 0
+    with pytest.raises(ValueError, match="every layer is removed"):
+        every.check_gqa(SHAPE, "kv_group")
+
+
+def test_depth_is_checked_at_start_up(tiny_config):
+    assert tiny_config("pruning.depth=1").pruning.depth == 1
+    assert tiny_config("pruning.depth=auto").pruning.depth == "auto"
+    for overrides, message in ((["pruning.depth=0"], "depth: 0 layers to keep must be >= 1"),
+                               (["pruning.depth=deep"], r"one of \['off', 'auto'\] or an integer"),
+                               (["pruning.depth=auto", "pruning.shape_search=global"], "needs shape_search measured"),
+                               (["pruning.depth=1", "pruning.target_shape=[32, 2, 1, 64]"], "give one of them")):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(*overrides)
+    cfg = tiny_config("pruning.depth=2")
+    assert any("pruning.depth: 2 layers to keep; the model has 2" in p for p in preflight.depth_problems(cfg))
+
+
+def empty_layers_of(kept) -> list[int]:
+    return [layer for layer, (heads, neurons) in enumerate(zip(kept.heads, kept.neurons, strict=True))
+            if heads == 0 and neurons == 0]

@@ -124,7 +124,7 @@ def test_two_ranks_choose_what_one_process_chooses(tmp_path):
 
 def pruning(**fields):
     defaults = dict(shape_search="measured", shape_candidates=5, target_shape=None, attention_mode="kv_group",
-                    layout="uniform", round_to=8, min_hidden=8, target_remaining=0.5)
+                    layout="uniform", round_to=8, min_hidden=8, target_remaining=0.5, depth="off")
     return SimpleNamespace(**(defaults | fields))
 
 

@@ -8,8 +8,8 @@ from builders import LLAMA_MISTRAL_CASES, logits, train_like
 
 from pipeline.apt.adapters import inject_adapters, merge_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
-from pipeline.apt.masks import MaskSet
-from pipeline.apt.slicing import empty_layers, per_layer_config, slice_model
+from pipeline.apt.masks import MaskSet, empty_layers
+from pipeline.apt.slicing import per_layer_config, slice_model
 
 CASES = [
     *LLAMA_MISTRAL_CASES,

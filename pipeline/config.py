@@ -247,7 +247,8 @@ class PruningSection:
     """Whole decoder layers as prunable units (measured shape search only): off: widths only; auto: each choice
     also weighs cutting the k layers of lowest block influence (k = 1, 2, ...; the rest of the budget on widths)
     against the width-only shapes, by loss; a number: the layers the final model keeps, reached along the
-    schedule. A layer cut is masked whole while it trains and left out of the export (docs/design.md §4)."""
+    schedule. A cut layer is masked whole, then taken out at the next compaction and left out of the export
+    (docs/design.md §4, §6)."""
     salience_gradient: Literal["before_mask", "after_mask"] = "before_mask"
     """Which gradient the apt and taylor criteria use: before_mask: ∂L/∂H of the activation H the mask multiplies
     (a channel's score shrinks with its own mask as it fades); after_mask: ∂L/∂(m⊙H), the channel's score as if

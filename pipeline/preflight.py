@@ -102,13 +102,17 @@ def target_shape_problems(cfg: RunConfig) -> list[str]:
 
 
 def depth_problems(cfg: RunConfig) -> list[str]:
-    """A `pruning.depth` layer count the model has room for: at least one layer cut, at least one kept."""
+    """A `pruning.depth` the model allows: a layer count with at least one layer cut and one kept, and layers whose
+    sublayers have no output bias (a layer masked whole must add nothing)."""
     depth = cfg.pruning.depth
-    if not isinstance(depth, int) or (shape := configured_shape(cfg.model)) is None:
+    if depth == "off" or (shape := configured_shape(cfg.model)) is None:
         return []
-    if not 1 <= depth < shape.num_layers:
+    if isinstance(depth, int) and not 1 <= depth < shape.num_layers:
         return [f"pruning.depth: {depth} layers to keep; the model has {shape.num_layers}, so it must be in "
                 f"[1, {shape.num_layers - 1}] (or off / auto)"]
+    if shape.o_proj_bias:
+        return [f"pruning.depth: {depth!r} cuts whole layers, but this model's o_proj and down_proj have a bias that "
+                f"a layer adds even with every head and neuron pruned; set pruning.depth=off"]
     return []
 
 

@@ -339,7 +339,8 @@ class AptFinetuneRecipe:
             shapes, choice = updates.salience_update(
                 self.salience, state, self.shape, budget, self.cfg.apt, pruning, measure=self.measure_shapes,
                 fixed=self.fixed_scores, layer_order=self.measure_layers(),
-                progress=(1 - rho) / (1 - final) if final < 1 else 1.0)
+                progress=(1 - rho) / (1 - final) if final < 1 else 1.0,
+                original_layers=self.original_shape.num_layers)
             if dist.is_main():
                 updates.save_update(self.layout.updates, state)
                 log_choice(state.step, self.shape, shapes, choice)
@@ -401,8 +402,9 @@ class AptFinetuneRecipe:
             write_compacted_base(self.layout.base_model, state.alive, self.layout.finetune / state.base_model,
                                  self.cfg.model.trust_remote_code)
         sizes = plan.summary()
-        log.info("compaction at step %d: hidden %d->%d, heads %d->%d, KV heads %d->%d, neurons %d->%d, parameters "
-                 "%d->%d (%.2fx); rebuilt in %.1fs", state.step, sizes["hidden_before"], sizes["hidden_after"],
+        log.info("compaction at step %d: layers %d->%d, hidden %d->%d, heads %d->%d, KV heads %d->%d, neurons "
+                 "%d->%d, parameters %d->%d (%.2fx); rebuilt in %.1fs", state.step, sizes["layers_before"],
+                 sizes["layers_after"], sizes["hidden_before"], sizes["hidden_after"],
                  sizes["heads_before"], sizes["heads_after"], sizes["kv_heads_before"], sizes["kv_heads_after"],
                  sizes["neurons_before"], sizes["neurons_after"], sizes["params_before"], sizes["params_after"],
                  sizes["params_after"] / sizes["params_before"], time.perf_counter() - started)

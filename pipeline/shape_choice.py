@@ -151,6 +151,7 @@ def search_target(
     alive: MaskSet | None = None,
     layer_order: Sequence[int] | None = None,
     progress: float = 1.0,
+    original_layers: int | None = None,
 ) -> tuple[MaskSet, list[KeptSizes], ShapeChoice | None]:
     """Binary target masks at remaining fraction `rho` of `shape` (the physical one), by `pruning.shape_search`.
 
@@ -159,7 +160,8 @@ def search_target(
     (e.g. `lambda m: choose_shape(engine, m, batches, set_fn, restore=current)`) picks one; without `measure` the
     first candidate (the even split) is taken. With `pruning.target_shape` the one candidate is the path to that
     shape. `alive` keeps pruned blocks pruned while the budget allows (finalize). Under `pruning.depth` the
-    candidates also cut whole layers, lowest in `layer_order` first (`progress`: how far the schedule is, 0..1).
+    candidates also cut whole layers, lowest in `layer_order` first (`progress`: how far the schedule is, 0..1;
+    `original_layers`: the layer count before any compaction, default `shape`'s).
     Returns the masks, the candidate shapes and the choice (None where nothing was measured).
     """
     if pruning.shape_search == "global" and pruning.target_shape is None:
@@ -172,7 +174,8 @@ def search_target(
     def fits(cut: int) -> bool:  # the model without `cut` layers holds more than the budget at full width
         return total_params(dataclasses.replace(shape, num_layers=shape.num_layers - cut)) > budget
 
-    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits)
+    removed = (original_layers or shape.num_layers) - shape.num_layers
+    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, removed)
     if layer_order is None and max(counts) > len(forced):
         raise ValueError("cutting layers needs their order (layer_order)")
     proposals: dict[KeptSizes, MaskSet] = {}

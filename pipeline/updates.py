@@ -29,13 +29,14 @@ def in_update_window(step: int, pruning) -> bool:
 def salience_update(salience: SalienceAccumulator, state: AptState, shape: ModelShape, rho: float, apt, pruning,
                     measure: Callable[[list[MaskSet]], ShapeChoice] | None = None,
                     fixed: SalienceScores | None = None, layer_order: list[int] | None = None,
-                    progress: float = 1.0):
+                    progress: float = 1.0, original_layers: int | None = None):
     """One all-reduce of every rank's sums (none for a data-free criterion) and mask checksum; then EMA and the
     target search, same on all ranks.
 
     The scores follow `pruning.criterion` (`fixed`: a data-free criterion's scores of the original model). `measure`
     scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
-    `pruning.shape_search=measured`; `layer_order` and `progress` are the layer cuts' (`search_target`). Sets
+    `pruning.shape_search=measured`; `layer_order`, `progress` and `original_layers` are the layer cuts'
+    (`search_target`). Sets
     `state.ema` and `state.target`; returns (candidate shapes, the choice or None) for the log."""
     world_size, rank = dist.world_size(), dist.rank()
     packed = salience.pack()  # on the accumulator's device: the ranks' sums never leave it before the reduce
@@ -56,7 +57,8 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
     state.ema = ema_update(state.ema, scores, apt.salience_momentum)
     salience.reset()
     state.target, shapes, choice = search_target(shape, state.ema, rho, pruning, measure=measure,
-                                                 layer_order=layer_order, progress=progress)
+                                                 layer_order=layer_order, progress=progress,
+                                                 original_layers=original_layers)
     return shapes, choice
 
 

@@ -77,12 +77,13 @@ class BlockInfluence:
 
 
 def cut_counts(depth: str | int, num_layers: int, forced: int, progress: float,
-               fits: Callable[[int], bool]) -> list[int]:
-    """How many layers the candidates of one shape choice cut, by `pruning.depth`.
+               fits: Callable[[int], bool], removed: int = 0) -> list[int]:
+    """How many of the `num_layers` layers the candidates of one shape choice cut, by `pruning.depth`.
 
-    off: none (or the `forced` layers already gone); a number N: round((L − N) · progress), the schedule's share of
-    the final cut; auto: every k from `forced` up while the model without k layers still holds more than the
-    budget at full width (`fits(k)`), so widths spend the rest of it exactly.
+    off: none (or the `forced` layers already gone); a number N: the schedule's share round(C · progress) of the
+    whole cut C = L − N of the original L layers, less the `removed` ones a compaction has already taken out;
+    auto: every k from `forced` up while the model without k layers still holds more than the budget at full width
+    (`fits(k)`), so widths spend the rest of it exactly.
     """
     if depth == "off":
         return [forced]
@@ -91,8 +92,9 @@ def cut_counts(depth: str | int, num_layers: int, forced: int, progress: float,
         while counts[-1] + 1 < num_layers and fits(counts[-1] + 1):
             counts.append(counts[-1] + 1)
         return counts
-    final = num_layers - int(depth)
-    return [max(forced, min(final, round(final * min(max(progress, 0.0), 1.0))))]
+    whole = num_layers + removed - int(depth)
+    due = round(whole * min(max(progress, 0.0), 1.0)) - removed
+    return [max(forced, min(whole - removed, due))]
 
 
 def cut_layers(order: Sequence[int], forced: Sequence[int], count: int) -> tuple[int, ...]:

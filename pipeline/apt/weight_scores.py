@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.apt.blocks import ModelShape, params_per_hidden_channel, params_per_neuron, params_per_query_head
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.apt.salience import SalienceScores
 
 WeightReader = Callable[[str], torch.Tensor]
@@ -82,7 +82,7 @@ def select_alive(scores: SalienceScores, alive: MaskSet | None) -> SalienceScore
     """The scores of the blocks a compacted model still has (`alive`: 1 where an original block survives)."""
     if alive is None:
         return scores
-    layers = scores.head.shape[0]
+    layers = scores.head.shape[0] - len(empty_layers(alive))  # a removed layer has no row left
     return SalienceScores(
         head=scores.head[alive.head_mask.bool()].view(layers, -1),
         neuron=scores.neuron[alive.neuron_mask.bool()].view(layers, -1),

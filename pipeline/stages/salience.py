@@ -105,7 +105,7 @@ def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: Mo
     order = None if pruning.depth == "off" else influence_order(engine, held_out)  # on the fine-tune's masks
     # The search runs on the CPU, beside the fine-tune's masks; the scores come from the device.
     masks, shapes, choice = search_target(shape, scores.to("cpu"), budget, pruning, measure=measure, alive=trained,
-                                          layer_order=order)
+                                          layer_order=order, original_layers=original.num_layers)
     rows = describe(shape, shapes, choice)
     if dist.is_main():
         folder = layout.salience.parent

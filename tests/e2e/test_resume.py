@@ -77,8 +77,11 @@ def test_kill_a_rank_then_rerun_equals_uninterrupted(tmp_path, small_corpus, ref
     while not (latest.is_file() and latest.read_text().strip() == "step20"):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
         time.sleep(0.1)
-    # Killed after the step-14 and step-19 compactions: the rerun rebuilds the compacted model from its base.
+    # Killed after the step-14 compaction (one layer out) and the step-19 one: the rerun rebuilds the compacted,
+    # one-layer model from its base.
     assert json.loads((run_dir / "finetune" / "checkpoints" / "meta-step20.json").read_text())["base_model"]
+    assert json.loads((run_dir / "finetune" / "compacted" / "step000019" / "config.json").read_text())[
+        "num_hidden_layers"] == 1
     victim = json.loads((run_dir / "finetune" / ".ranks" / "rank1.json").read_text())
     os.kill(victim["pid"], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from builders import LLAMA_MISTRAL_CASES, TINY_MODEL, logits, make_shape, with_trained_adapters
 
-from pipeline.apt.adapters import get_masks, set_masks
+from pipeline.apt.adapters import ChannelMask, get_masks, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.compaction import (
     compact_accumulator,
@@ -18,7 +18,7 @@ from pipeline.apt.compaction import (
     slice_masks,
     slice_scores,
 )
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.apt.salience import SalienceAccumulator, SalienceScores
 from pipeline.apt.search import search_masks
 
@@ -131,9 +131,10 @@ def test_a_plan_refuses_masks_of_another_shape():
 CASES = [*LLAMA_MISTRAL_CASES, pytest.param("qwen2", 2, True, "kv_group", id="qwen2-gqa-kv_group-tied")]
 
 
-def training_masks(random_masks, shape, mode, seed):
+def training_masks(random_masks, shape, mode, seed, cut: int | None = None):
     """(current, target) mid-window, binary targets with different counts per layer. Each row's first pruned unit
-    is dead (at 0); a quarter of the other pruned ones are still stepping down, a quarter of the kept ones back up."""
+    is dead (at 0); a quarter of the other pruned ones are still stepping down, a quarter of the kept ones back up.
+    Layer `cut` is dead whole (`pruning.depth`)."""
     generator = torch.Generator().manual_seed(seed)
     target = random_masks(shape, generator, mode=mode, uniform=False)
 
@@ -150,6 +151,9 @@ def training_masks(random_masks, shape, mode, seed):
         head_mask = gradual(target.head_mask.reshape(layers * num_kv, group)).reshape(layers, -1)
     current = MaskSet(head_mask=head_mask, kv_mask=kv_mask, neuron_mask=gradual(target.neuron_mask),
                       hidden_mask=gradual(target.hidden_mask))
+    if cut is not None:
+        for masks in (current, target):
+            masks.head_mask[cut] = masks.kv_mask[cut] = masks.neuron_mask[cut] = 0
     return current, target
 
 
@@ -188,6 +192,31 @@ def test_compacted_model_computes_what_the_masked_model_computes(
         assert torch.equal(new, selected.take(old.detach()))
 
 
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "kv_group"), ("qwen2", "query_in_group")])
+def test_a_layer_masked_whole_leaves_the_model(tiny_model, random_masks, input_ids, arch, mode):
+    model = with_trained_adapters(tiny_model(arch, num_kv_heads=2, num_layers=3), TARGETS)
+    shape = ModelShape.from_config(model.config)
+    masks, target = training_masks(random_masks, shape, mode, seed=3, cut=1)
+    set_masks(model, masks)
+    expected = logits(model, input_ids)
+    plan = plan_compaction(masks, target, shape, mode)
+    assert plan.kept_layers == (0, 2) and plan.after.num_layers == 2 and plan.summary()["layers_after"] == 2
+    replaced = compact_model(model, plan)
+
+    torch.testing.assert_close(logits(model, input_ids), expected, rtol=0, atol=1e-5)
+    assert ModelShape.from_config(model.config) == plan.after and model.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]  # the KV cache's slots
+    sites = {name: site.layer for name, site in model.named_modules() if isinstance(site, ChannelMask)}
+    assert {layer for name, layer in sites.items() if name.startswith("model.layers.1.")} == {1}
+    compacted_masks = slice_masks(masks, plan)
+    assert all(torch.equal(a, b) for a, b in zip(get_masks(model).to_dict().values(),
+                                                compacted_masks.to_dict().values(), strict=True))
+    assert remaining_params(shape, kept_sizes(masks)) == remaining_params(plan.after, kept_sizes(compacted_masks))
+    assert {new for new, _ in replaced.values()} == {p for p in model.parameters() if p.requires_grad}
+    alive = narrow_alive(MaskSet.ones(shape), plan)
+    assert empty_layers(alive) == [1] and kept_sizes(alive).neurons[0] == plan.after.intermediate_size
+
+
 def test_compacting_twice_composes(tiny_model, input_ids):
     model = with_trained_adapters(tiny_model("llama", num_kv_heads=2, num_layers=2), TARGETS)
     shape = ModelShape.from_config(model.config)
@@ -220,12 +249,13 @@ def test_the_compacted_base_streamed_from_the_original_checkpoint_is_the_trainin
 
     from pipeline.export import write_compacted_base
 
-    model = tiny_model("llama", num_kv_heads=2, num_layers=2)
+    model = tiny_model("llama", num_kv_heads=2, num_layers=3)
     model.save_pretrained(tmp_path / "original")
     model = with_trained_adapters(model, TARGETS)
     shape = ModelShape.from_config(model.config)
     masks = MaskSet.ones(shape)
     masks.neuron_mask[:, 5:29] = 0
+    masks.head_mask[0] = masks.kv_mask[0] = masks.neuron_mask[0] = 0  # layer 0 goes whole: layers 1, 2 move up
     first = plan_compaction(*dead(masks), shape, "kv_group")
     compact_model(model, first)
     masks = slice_masks(masks, first)
@@ -254,11 +284,12 @@ def accumulate(model, input_ids):
     return accumulator
 
 
-@pytest.mark.parametrize("mode", ["kv_group", "query_in_group"])
-def test_sliced_salience_state_is_what_the_compacted_model_accumulates(tiny_model, random_masks, input_ids, mode):
+@pytest.mark.parametrize(("mode", "cut"), [("kv_group", None), ("query_in_group", None), ("kv_group", 0)])
+def test_sliced_salience_state_is_what_the_compacted_model_accumulates(tiny_model, random_masks, input_ids, mode,
+                                                                       cut):
     model = with_trained_adapters(tiny_model("llama", num_kv_heads=2, num_layers=3), TARGETS)
     shape = ModelShape.from_config(model.config)
-    masks, target = training_masks(random_masks, shape, mode, seed=5)
+    masks, target = training_masks(random_masks, shape, mode, seed=5, cut=cut)
     set_masks(model, masks)
     plan = plan_compaction(masks, target, shape, mode)
     compacted = copy.deepcopy(model)

@@ -31,8 +31,8 @@ SECTION = "## Generation speed: width, depth and auto exports"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", type=Path, required=True, help="the unpruned model (a from_pretrained folder)")
-    parser.add_argument("--export", action="append", required=True, metavar="NAME=RUN_DIR",
-                        help="a pipeline run directory (its merge/model is timed); repeat for each export")
+    parser.add_argument("--export", action="append", required=True, metavar="NAME=DIR",
+                        help="a pipeline run directory (its merge/model is timed) or a model folder; repeat for each")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes; each is timed")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row")
@@ -44,10 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None, help=f"markdown file whose '{SECTION}' section to write")
     args = parser.parse_args(argv)
     args.exports = dict(item.split("=", 1) for item in args.export)
-    for name, run_dir in args.exports.items():
-        if not (Path(run_dir) / "merge" / "model" / "config.json").is_file():
-            parser.error(f"--export {name}={run_dir}: no merge/model/config.json there (run the pipeline first)")
+    for name, directory in args.exports.items():
+        if model_dir(directory) is None:
+            parser.error(f"--export {name}={directory}: neither merge/model/config.json nor config.json there")
     return args
+
+
+def model_dir(directory: str) -> Path | None:
+    """The model folder of a run directory (its merge/model) or the folder itself; None if it holds no model."""
+    for candidate in (Path(directory) / "merge" / "model", Path(directory)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
 
 
 def workloads(args: argparse.Namespace, vocab_size: int) -> list[Workload]:
@@ -62,8 +70,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Load every model, time the interleaved rounds; per export and batch its tok/s and paired speed-up."""
     torch.set_num_threads(args.threads)
     models = {("float32", "dense"): load(args.dense, "float32")}
-    models |= {("float32", name): load(Path(run_dir) / "merge" / "model", "float32")
-               for name, run_dir in args.exports.items()}
+    models |= {("float32", name): load(model_dir(directory), "float32") for name, directory in args.exports.items()}
     rounds = time_rounds(models, workloads(args, models[("float32", "dense")].config.vocab_size), args.warmup,
                          args.repeats)
     rows = []

@@ -33,11 +33,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.masks import ATTENTION_MODES
 from pipeline.apt.search import search_masks
+from pipeline.config import PruningSection
 from pipeline.export import DTYPES, export_pruned
+from pipeline.shape_choice import search_target
 
 from report import environment_lines, write_section
 
 SECTION = "## Inference speed of the export"
+DEPTH_SECTION = "## Inference speed of a depth-pruned export"
+"""The section `--depth` writes, beside the width-only one."""
 TARGET = 1.8  # the issue's target: generate tokens/s of the ~50% export over the dense model
 QUICK = {
     "hidden": 512,
@@ -68,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prune.add_argument("--remaining", type=float, default=0.5, help="target remaining parameter fraction")
     prune.add_argument("--attention-mode", choices=ATTENTION_MODES, default="kv_group")
     prune.add_argument("--round-to", type=int, default=8, help="neurons and hidden channels kept in multiples of it")
+    prune.add_argument("--depth", type=int, default=None,
+                       help="layers the export keeps (the rest cut whole, widths filling the budget); default: "
+                            "widths only")
     prune.add_argument(
         "--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"], help="export dtypes; each is timed"
     )
@@ -126,6 +133,20 @@ def random_scores(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def pruned_masks(args: argparse.Namespace, shape: ModelShape):
+    """Uniform masks at `--remaining` on fixed random scores: widths only (`search_masks`), or with `--depth` the
+    last layers cut whole and the widths of the rest filling the budget (the pipeline's `pruning.depth` search)."""
+    scores = random_scores(shape, args.seed)
+    if args.depth is None:
+        return search_masks(shape, scores, args.remaining, attention_mode=args.attention_mode, layout="uniform",
+                            round_to=args.round_to)
+    pruning = PruningSection(depth=args.depth, attention_mode=args.attention_mode, round_to=args.round_to,
+                             shape_candidates=1, min_hidden=args.round_to)
+    order = list(range(shape.num_layers))[::-1]  # which layers go does not matter for speed either
+    masks, _, _ = search_target(shape, scores, args.remaining, pruning, layer_order=order)
+    return masks
+
+
 def export(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict[str, Path], dict]:
     """Save the dense model, search uniform masks, export one pruned copy per dtype; the checkpoint directories."""
     dense_dir = workdir / "dense"
@@ -133,14 +154,7 @@ def export(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict[str, Pat
     dense.save_pretrained(str(dense_dir))  # safetensors, which export_pruned streams from
     shape = ModelShape.from_config(dense.config)
     del dense
-    masks = search_masks(
-        shape,
-        random_scores(shape, args.seed),
-        args.remaining,
-        attention_mode=args.attention_mode,
-        layout="uniform",
-        round_to=args.round_to,
-    )
+    masks = pruned_masks(args, shape)
     save_file({}, str(workdir / "adapters.safetensors"))  # no adapters: the merge is pure slicing
     pruned_dirs, summary = {}, {}
     for dtype in args.dtype:
@@ -354,9 +368,10 @@ def params_table(args: argparse.Namespace, result: dict) -> list[str]:
     return [
         "| model | params | sizes | embedding + lm_head share |",
         "|---|---:|---|---:|",
-        f"| dense | {dense:,} | hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, "
+        f"| dense | {dense:,} | {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, "
         f"intermediate {args.intermediate} | {dense_outer / dense:.1%} |",
-        f"| pruned | {pruned:,} (**{pruned / dense:.4f}**) | hidden {summary['hidden_size']}, "
+        f"| pruned | {pruned:,} (**{pruned / dense:.4f}**) | {result['configs']['pruned'].num_hidden_layers} "
+        f"layers, hidden {summary['hidden_size']}, "
         f"{summary['num_attention_heads']} heads / {summary['num_key_value_heads']} KV, "
         f"intermediate {summary['intermediate_size']} | {pruned_outer / pruned:.1%} |",
     ]
@@ -462,13 +477,14 @@ def report(args: argparse.Namespace, command: str, result: dict) -> str:
     """The markdown section: setup, parameters, speed table, matmul breakdown, reading."""
     rounds, profiles = result["rounds"], result["profiles"]
     lines = [
-        SECTION,
+        SECTION if args.depth is None else DEPTH_SECTION,
         "",
         f"`{command}`",
         "",
         *environment_lines(),
         f"- dense: LlamaForCausalLM, {args.layers} layers, vocab {args.vocab}, untied, random init (seed "
-        f"{args.seed}), `save_pretrained` → `export_pruned` (no adapters; uniform masks from `search_masks` at "
+        f"{args.seed}), `save_pretrained` → `export_pruned` (no adapters; uniform masks from "
+        f"{'`search_masks`' if args.depth is None else f'the depth search ({args.depth} layers kept)'} at "
         f"{args.remaining} on fixed random scores, {args.attention_mode}, round_to {args.round_to}); both loaded "
         "with `AutoModelForCausalLM.from_pretrained` in the listed dtype",
         f"- generate: greedy, prompt {args.prompt} tokens, exactly {args.new_tokens} new tokens, tok/s = batch × "
@@ -503,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, command, measure(args))
     print(section)
     if args.results is not None:
-        write_section(args.results, SECTION, section)
+        write_section(args.results, SECTION if args.depth is None else DEPTH_SECTION, section)
 
 
 if __name__ == "__main__":

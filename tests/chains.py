@@ -16,9 +16,9 @@ REFERENCE = ["data.num_proc=1", "data.seq_len=64", "train.steps=30", "pruning.en
              "train.checkpoint_every=10", "train.eval_batches=2", "train.precision=fp32", "export.dtype=float32",
              "pruning.depth=1"]
 """The reference run's settings (the `reference_run` fixture): growth at steps 10 and 20, compactions before the
-step-20 checkpoint (the first takes one of the two layers out whole, `pruning.depth=1`, so every equivalence the
-reference checks — resumed, elastic, two hosts — covers a model rebuilt with fewer layers), fp32 so that two hosts,
-two ranks and a resumed run agree to 1e-6."""
+step-20 checkpoint (the first takes one of the two layers out whole, `pruning.depth=1`, so the equivalences the
+reference checks, resumed and two hosts, cover a model rebuilt with fewer layers), fp32 so that two hosts, two
+ranks and a resumed run agree to 1e-6."""
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 """One BLAS thread per process wherever runs are compared: the reference, the resumed runs, the pdsh hosts."""

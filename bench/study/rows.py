@@ -40,6 +40,8 @@ ROWS = {
     "apt-no-outlier": Row("APT, no outlier (kurtosis) term", {"apt": {"outlier_term": False}}),
     "apt-depth": Row("APT, 4 of 8 layers kept (pruning.depth=4)", {"pruning": {"depth": 4}}),
     "apt-auto": Row("APT, layer cuts or widths by loss (pruning.depth=auto)", {"pruning": {"depth": "auto"}}),
+    "shortgpt": Row("ShortGPT-style: the 4 lowest-influence layers cut one-shot",
+                    {"pruning": {"criterion": "magnitude", "depth": 4, **ONE_SHOT}}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
                                                              "apt": {"distill": False, "grow_every": 0}}),
 }
@@ -57,7 +59,7 @@ EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
-             "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-depth", "apt-auto")
+             "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-depth", "apt-auto", "shortgpt")
 """Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
 ABLATION_TARGET = 0.5
 NO_RECOVERY = tuple(NO_RECOVERY_ROWS)

@@ -106,16 +106,16 @@ def verdict(results: dict) -> str:
 
 def ingredients_table(results: dict) -> str:
     """What each row's recovery consisted of (from its first run's record)."""
-    lines = ["| row | criterion | salience gradient | schedule | distillation | rank growth | shape search | steps | "
-             "training tokens | teacher forwards | one-shot calibration batches |",
-             "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| row | criterion | salience gradient | schedule | layers (pruning.depth) | distillation | rank growth | "
+             "shape search | steps | training tokens | teacher forwards | one-shot calibration batches |",
+             "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for method in (*MAIN, *ABLATIONS, LORA):
         run = next((r for r in results["runs"] if r["method"] == method), None)
         if run is not None:
             i = run["ingredients"]
             # Records before the option existed were all before_mask, the default then as now.
-            gradient = i.get("salience_gradient", "before_mask")
-            lines.append(f"| {ROWS[method].label} | {i['criterion']} | {gradient} | {i['schedule']} | "
+            gradient, depth = i.get("salience_gradient", "before_mask"), i.get("depth", "off")
+            lines.append(f"| {ROWS[method].label} | {i['criterion']} | {gradient} | {i['schedule']} | {depth} | "
                          f"{yes(i['distill'])} | {yes(i['grow'])} | {i['shape_search']} | {i['steps']} | "
                          f"{i['tokens']:,} | {i['teacher_forwards']} | {i['calibration_batches']} |")
     return "\n".join(lines)

@@ -18,7 +18,9 @@ from harness import assert_same_finetune_outputs, spawn
 pytestmark = pytest.mark.dist
 
 COMMON = ["train.steps=20", "train.checkpoint_every=10", "pruning.end_step=8", "pruning.update_every=4",
-          "pruning.mask_step=0.2", "train.precision=fp32", "train.eval_batches=2"]
+          "pruning.mask_step=0.2", "train.precision=fp32", "train.eval_batches=2", "pruning.depth=1"]
+"""One of the two layers is cut (`pruning.depth=1`) and compacted away before the step-10 checkpoint: the other
+number of ranks resumes a model rebuilt with fewer layers."""
 
 
 def make_config(tmp_path, prep_dir, name, *overrides) -> config_lib.RunConfig:
@@ -67,6 +69,8 @@ def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, prep_dir,
     assert (checkpoints / "step10_universal").is_dir() and (checkpoints / "latest").read_text() == "step20"
     meta = json.loads((checkpoints / "meta-step20.json").read_text())
     assert meta["world_size"] == after and meta["global_batch"] == 8
+    base = json.loads((checkpoints / "meta-step10.json").read_text())["base_model"]
+    assert json.loads((elastic.run_dir / "finetune" / base / "config.json").read_text())["num_hidden_layers"] == 1
     # The loss curve continues where it was: every step after the resume is the step the uninterrupted run took.
     straight_loss, elastic_loss = logged(straight), logged(elastic)
     assert sorted(elastic_loss) == list(range(1, 21))

@@ -13,7 +13,7 @@ from pipeline.apt.blocks import ModelShape, kept_sizes
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
-from pipeline.shape_choice import choose_shape, final_remaining, search_target
+from pipeline.shape_choice import choose_shape, final_remaining, influence_order, search_target
 
 from harness import spawn
 
@@ -105,8 +105,9 @@ def rank_choice(rank, world_size, out_dir):
     try:
         model = tiny_llama()
         choice = choose_shape(model, candidates(model), batches()[rank::world_size], lambda m: set_masks(model, m))
+        order = influence_order(model, batches()[rank::world_size])
         (out_dir / f"rank{rank}.json").write_text(json.dumps({"index": choice.index, "losses": choice.losses,
-                                                              "tokens": choice.tokens}))
+                                                              "tokens": choice.tokens, "order": order}))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -119,6 +120,7 @@ def test_two_ranks_choose_what_one_process_chooses(tmp_path):
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert results[0] == results[1]  # bit-equal on both ranks: one all-reduce, the same reduced sums
     assert results[0]["index"] == one.index and results[0]["tokens"] == one.tokens
+    assert results[0]["order"] == influence_order(model, batches())  # the layers by influence, lowest first
     assert results[0]["losses"] == pytest.approx(list(one.losses), rel=1e-9)
 
 
@@ -169,3 +171,17 @@ def test_config_checks_the_new_pruning_fields(tiny_config):
             tiny_config(override)
     with pytest.raises(config_lib.ConfigError, match="needs layout uniform"):
         tiny_config("pruning.target_shape=[32, 2, 1, 64]", "pruning.layout=per_layer")
+
+
+def test_influence_order_ranks_layers_by_block_influence_lowest_first():
+    from pipeline.apt.depth import BlockInfluence
+
+    model = tiny_llama().eval()
+    influence = BlockInfluence(2)
+    influence.attach(model)
+    with torch.no_grad():
+        for batch in batches():
+            model(input_ids=batch["input_ids"])
+    influence.detach()
+    assert influence_order(model, batches()) == influence.scores().argsort().tolist()
+    assert model.training is False and not any(layer._forward_hooks for layer in model.model.layers)

@@ -39,3 +39,16 @@ def test_speed_table_has_every_ratio_positive_and_finite():
     assert section.startswith(speed_table.SECTION + "\n")
     table_rows = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(line.split("|")[1]) for line in table_rows] == [row.item for row in rows]
+
+
+def test_the_depth_export_keeps_the_asked_layers_within_the_budget():
+    inference_speed = importlib.import_module("inference_speed")
+    from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+    from pipeline.apt.masks import empty_layers
+
+    args = inference_speed.parse_args(["--hidden", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2",
+                                       "--intermediate", "128", "--vocab", "256", "--depth", "2"])
+    shape = ModelShape.from_config(inference_speed.build_dense(args).config)
+    masks = inference_speed.pruned_masks(args, shape)
+    assert empty_layers(masks) == [2, 3]
+    assert 0.45 * total_params(shape) < remaining_params(shape, kept_sizes(masks)) <= 0.5 * total_params(shape)

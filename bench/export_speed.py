@@ -92,10 +92,11 @@ def perplexities(study: Path | None, exports: dict[str, str]) -> dict[str, float
     """Each export's held-out perplexity from the study's record of its run (by run directory name)."""
     if study is None:
         return {}
-    runs = json.loads(study.read_text())["runs"]
-    records = {f"{r['method']}-{round(r['target'] * 100)}-s{r['seed']}": r for r in runs}
-    return {name: records[Path(run_dir).name]["perplexity"] for name, run_dir in exports.items()
-            if Path(run_dir).name in records}
+    results = json.loads(study.read_text())
+    records = {f"{r['method']}-{round(r['target'] * 100)}-s{r['seed']}": r for r in results["runs"]}
+    return {"dense": results["dense"]["perplexity"]} | {
+        name: records[Path(run_dir).name]["perplexity"] for name, run_dir in exports.items()
+        if Path(run_dir).name in records}
 
 
 def report(command: str, result: dict, ppl: dict[str, float]) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -243,19 +243,47 @@ def launch(stages: tuple[Stage, ...], cfg: config_lib.RunConfig, run_dir: Path) 
     log.info("%-9s launching: %s", ", ".join(names), shlex.join(command))
     started = time.time()
     env = rank_environment(cfg.deepspeed.num_gpus)
-    # Ranks on the hosts of a hostfile start in a fresh login shell: the settings travel in a .deepspeed_env.
-    with nodes.node_env(env) if cfg.deepspeed.hostfile is not None else contextlib.nullcontext(env) as env:
-        result = subprocess.run(command, env=env)
+    if cfg.deepspeed.hostfile is None:
+        code = run_launcher(command, env)
+    else:  # the runner reads DS_ENV_FILE once, when imported: a launch with its own environment file is a command
+        # Ranks on the hosts of a hostfile start in a fresh login shell: the settings travel in a .deepspeed_env.
+        with nodes.node_env(env) as env:
+            code = subprocess.run(command, env=env).returncode
     summaries = {}
     for stage in stages:
         manifest = read_manifest(run_dir / stage.name)
-        if result.returncode != 0 and (manifest is None or stage == stages[-1]):
-            raise launch_failed(stage, cfg, run_dir / stage.name, result.returncode)
+        if code != 0 and (manifest is None or stage == stages[-1]):
+            raise launch_failed(stage, cfg, run_dir / stage.name, code)
         if manifest is None or manifest["fingerprint"] != fingerprints[stage.name]:
             raise RuntimeError(f"stage {stage.name} exited cleanly but left no manifest in {run_dir / stage.name}")
         summaries[stage.name] = manifest["summary"]
     log.info("%-9s finished in %.1fs", ", ".join(names), time.time() - started)
     return summaries
+
+
+def run_launcher(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` (`deepspeed ARGS` on this node, as logged) with DeepSpeed's runner in this process, which has
+    imported DeepSpeed already: an interpreter start and DeepSpeed's import fewer per launch (about 6 s on 2 cores).
+    The runner starts the node's launcher as its own command would, in `env`. Its exit status."""
+    from deepspeed.launcher import runner
+
+    saved_env, saved_handlers = dict(os.environ), {sig: signal.getsignal(sig) for sig in (signal.SIGINT,
+                                                                                           signal.SIGTERM)}
+    os.environ.clear()  # the runner hands os.environ to the launchers it starts
+    os.environ.update(env)
+    try:
+        runner.main(command[1:])
+        return 0
+    except SystemExit as stop:  # the runner exits with its launcher's status
+        return stop.code if isinstance(stop.code, int) else 1
+    except (RuntimeError, ValueError, OSError) as error:  # the runner's own checks (e.g. no device to run on)
+        log.error("the DeepSpeed launcher did not start: %s", error)
+        return 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in saved_handlers.items():  # the runner may install its own
+            signal.signal(sig, handler)
 
 
 def prepare_launched_stage(stage_dir: Path, fp: str) -> None:

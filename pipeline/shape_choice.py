@@ -174,8 +174,8 @@ def search_target(
     def fits(cut: int) -> bool:  # the model without `cut` layers holds more than the budget at full width
         return total_params(dataclasses.replace(shape, num_layers=shape.num_layers - cut)) > budget
 
-    removed = (original_layers or shape.num_layers) - shape.num_layers
-    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, removed)
+    compacted_away = (original_layers or shape.num_layers) - shape.num_layers
+    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, compacted_away)
     if layer_order is None and max(counts) > len(forced):
         raise ValueError("cutting layers needs their order (layer_order)")
     proposals: dict[KeptSizes, MaskSet] = {}

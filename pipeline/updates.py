@@ -36,8 +36,8 @@ def salience_update(salience: SalienceAccumulator, state: AptState, shape: Model
     The scores follow `pruning.criterion` (`fixed`: a data-free criterion's scores of the original model). `measure`
     scores candidate shapes by loss (`pipeline.shape_choice.choose_shape`: one more all-reduce) under
     `pruning.shape_search=measured`; `layer_order`, `progress` and `original_layers` are the layer cuts'
-    (`search_target`). Sets
-    `state.ema` and `state.target`; returns (candidate shapes, the choice or None) for the log."""
+    (`search_target`). Sets `state.ema` and `state.target`; returns (candidate shapes, the choice or None) for
+    the log."""
     world_size, rank = dist.world_size(), dist.rank()
     packed = salience.pack()  # on the accumulator's device: the ranks' sums never leave it before the reduce
     if fixed is not None:  # a data-free criterion: no sums to reduce (the hooks never ran), the checksum alone

@@ -1,6 +1,7 @@
 """Inference speed of the APT export on the CPU: a dense LLaMA against its ~50%-parameter pruned export.
 
-The dense model is saved with `save_pretrained`, pruned by `search_masks` (uniform layout, fixed random scores),
+The dense model is saved with `save_pretrained`, pruned by `search_masks` (uniform layout, fixed random scores;
+with `--depth N` by the pipeline's depth search: N layers kept, the widths of those filling the budget),
 exported by `export_pruned` with no adapters (pure slicing), and both are loaded back with plain
 `AutoModelForCausalLM.from_pretrained`. Greedy generation and prefill are timed in one process, the models
 interleaved with a rotating order, so load from other processes hits all of them alike; the tables report medians.

@@ -286,7 +286,8 @@ def narrow_alive(alive: MaskSet, plan: CompactionPlan) -> MaskSet:
     not yet removed (a removed layer's rows are all zero). Slicing the original base by the result gives the
     compacted base, which is how finetune writes it: streamed from the original checkpoint, never gathered.
     """
-    present = [layer for layer in range(alive.head_mask.shape[0]) if layer not in empty_layers(alive)]
+    removed = set(empty_layers(alive))
+    present = [layer for layer in range(alive.head_mask.shape[0]) if layer not in removed]
     narrowed = MaskSet(**{name: torch.zeros_like(mask) for name, mask in alive.to_dict().items()})
 
     def narrow(row: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:

@@ -3,7 +3,8 @@
 Block influence of layer l is `BI_l = 1 − mean_t cos(x_l,t, y_l,t)`, x the layer's input hidden state and y its
 output, over every token seen: a layer whose output is nearly its input changes the residual stream least. Each
 rank keeps, per layer, Σ cos and the token count, so one SUM all-reduce gives what one process computes on all the
-batches. Nothing is stored per token.
+batches. Nothing is stored per token. The helpers below let the shape search (`pipeline.shape_choice`) cut whole
+layers under `pruning.depth`: how many at a choice, which ones, and the width search on the layers left.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def cut_layers(order: Sequence[int], forced: Sequence[int], count: int) -> tuple
 
 def without_layers(shape: ModelShape, removed: Sequence[int]) -> tuple[ModelShape, list[int]]:
     """The shape of the model with `removed` layers gone, and the original indices of the layers it keeps."""
-    kept = [layer for layer in range(shape.num_layers) if layer not in set(removed)]
+    gone = set(removed)
+    kept = [layer for layer in range(shape.num_layers) if layer not in gone]
     return dataclasses.replace(shape, num_layers=len(kept)), kept
 
 

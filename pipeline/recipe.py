@@ -349,23 +349,15 @@ class AptFinetuneRecipe:
         return rho
 
     def measure_shapes(self, candidates: list[MaskSet]) -> ShapeChoice:
-        """Each candidate's held-out LM loss on the current model (forward only; collective)."""
-        self.salience.enabled = False  # candidate forwards are not the student's salience
-        try:
-            return choose_shape(self.engine, candidates, self.shape_batches,
-                                lambda masks: set_masks(self.engine.module, masks), restore=self.state.masks)
-        finally:
-            self.salience.enabled = True
+        """Each candidate's held-out LM loss on the current model (forward only; collective). Under no_grad, so the
+        salience hooks count none of these forwards (they count only passes that will be differentiated)."""
+        return choose_shape(self.engine, candidates, self.shape_batches,
+                            lambda masks: set_masks(self.engine.module, masks), restore=self.state.masks)
 
     def measure_layers(self) -> list[int] | None:
-        """The layers by block influence on the shape batches, where `pruning.depth` cuts layers (collective)."""
-        if self.cfg.pruning.depth == "off":
-            return None
-        self.salience.enabled = False  # these forwards are not the student's salience either
-        try:
-            return influence_order(self.engine, self.shape_batches)
-        finally:
-            self.salience.enabled = True
+        """The layers by block influence on the shape batches, where `pruning.depth` cuts layers (forward only,
+        under no_grad like `measure_shapes`; collective)."""
+        return None if self.cfg.pruning.depth == "off" else influence_order(self.engine, self.shape_batches)
 
     # ---- compaction --------------------------------------------------------------------------------------
 

@@ -274,8 +274,8 @@ def run_launcher(command: list[str], env: dict[str, str]) -> int:
     try:
         runner.main(command[1:])
         return 0
-    except SystemExit as stop:  # the runner exits with its launcher's status
-        return stop.code if isinstance(stop.code, int) else 1
+    except SystemExit as stop:  # the runner exits with its launcher's status (None: success)
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     except (RuntimeError, ValueError, OSError) as error:  # the runner's own checks (e.g. no device to run on)
         log.error("the DeepSpeed launcher did not start: %s", error)
         return 1

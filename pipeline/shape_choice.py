@@ -220,10 +220,8 @@ def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice
     rows = []
     for index, kept in enumerate(shapes):
         loss = None if choice is None else choice.losses[index]
-        cut = [layer for layer, (heads, neurons) in enumerate(zip(kept.heads, kept.neurons, strict=True))
-               if heads == 0 and neurons == 0]
         rows.append({"hidden": kept.hidden, "heads": list(kept.heads), "kv_heads": list(kept.kv_heads),
-                     "neurons": list(kept.neurons), "cut_layers": cut,
+                     "neurons": list(kept.neurons), "cut_layers": kept.cut_layers,
                      "remaining_fraction": shape_fraction(shape, kept),
                      "loss": loss if loss is not None and math.isfinite(loss) else None,
                      "chosen": index == (0 if choice is None else choice.index)})

@@ -75,6 +75,12 @@ class KeptSizes:
     kv_heads: tuple[int, ...]
     neurons: tuple[int, ...]
 
+    @property
+    def cut_layers(self) -> list[int]:
+        """Layers that keep no query head and no neuron: cut whole (`pruning.depth`), absent from the export."""
+        return [layer for layer, (heads, neurons) in enumerate(zip(self.heads, self.neurons, strict=True))
+                if heads == 0 and neurons == 0]
+
     @classmethod
     def full(cls, shape: ModelShape) -> KeptSizes:
         """The unpruned sizes."""
@@ -108,7 +114,7 @@ def remaining_params(shape: ModelShape, kept: KeptSizes) -> int:
     for name in ("heads", "kv_heads", "neurons"):
         if len(getattr(kept, name)) != shape.num_layers:
             raise ValueError(f"kept.{name} has {len(getattr(kept, name))} entries, expected {shape.num_layers}")
-    layers = sum(1 for heads, neurons in zip(kept.heads, kept.neurons, strict=True) if heads or neurons)
+    layers = shape.num_layers - len(kept.cut_layers)
     return count_params(shape, hidden=kept.hidden, heads=sum(kept.heads), kv_heads=sum(kept.kv_heads),
                         neurons=sum(kept.neurons), layers=layers)
 

@@ -88,7 +88,7 @@ def test_auto_weighs_layer_cuts_against_widths_within_the_budget():
     _, width_only, _ = search_target(SHAPE, scores(), 0.5, pruning(), measure=last)
     masks, shapes, _ = search_target(SHAPE, scores(), 0.5, pruning(depth="auto"), measure=last, layer_order=ORDER)
     assert shapes[:len(width_only)] == width_only  # the width-only candidates come first, unchanged
-    cuts = [empty_layers_of(kept) for kept in shapes[len(width_only):]]
+    cuts = [kept.cut_layers for kept in shapes[len(width_only):]]
     assert cuts == [sorted(ORDER[:k]) for k in range(1, len(cuts) + 1)] and len(cuts) >= 2
     neuron_step = 3 * 8 * SHAPE.hidden_size * SHAPE.num_layers  # round_to neurons in every layer
     for kept in shapes:
@@ -102,7 +102,7 @@ def test_a_layer_count_is_reached_along_the_schedule():
     for progress, cut in ((0.0, []), (0.5, [2]), (1.0, [0, 2])):
         masks, shapes, _ = search_target(SHAPE, scores(), 0.5, pruning(depth=2), measure=last, layer_order=ORDER,
                                          progress=progress)
-        assert all(empty_layers_of(kept) == cut for kept in shapes) and empty_layers(masks) == cut
+        assert all(kept.cut_layers == cut for kept in shapes) and empty_layers(masks) == cut
 
 
 def test_a_cut_layer_stays_cut_when_alive_says_so():
@@ -110,8 +110,8 @@ def test_a_cut_layer_stays_cut_when_alive_says_so():
     assert empty_layers(alive) == [2]
     _, shapes, _ = search_target(SHAPE, scores(1), 0.5, pruning(depth="auto"), measure=last, alive=alive,
                                  layer_order=[1, 0, 3, 2])
-    assert all(2 in empty_layers_of(kept) for kept in shapes)  # forced, whatever the order says
-    assert [empty_layers_of(kept) for kept in shapes[1:]][-1][:2] == [1, 2]
+    assert all(2 in kept.cut_layers for kept in shapes)  # forced, whatever the order says
+    assert [kept.cut_layers for kept in shapes[1:]][-1][:2] == [1, 2]
 
 
 def test_check_gqa_takes_a_whole_layer_cut_but_not_half_of_one():
@@ -138,8 +138,3 @@ def test_depth_is_checked_at_start_up(tiny_config):
             tiny_config(*overrides)
     cfg = tiny_config("pruning.depth=2")
     assert any("pruning.depth: 2 layers to keep; the model has 2" in p for p in preflight.depth_problems(cfg))
-
-
-def empty_layers_of(kept) -> list[int]:
-    return [layer for layer, (heads, neurons) in enumerate(zip(kept.heads, kept.neurons, strict=True))
-            if heads == 0 and neurons == 0]

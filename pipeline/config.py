@@ -229,8 +229,9 @@ class PruningSection:
     shape_batches: int = 2
     """Global calibration batches each candidate's loss is measured on (forward only) in a measured choice."""
     target_shape: tuple[int, ...] | None = None
-    """Fixed final sizes [hidden, heads, kv_heads, intermediate] (uniform layout); the run ends at exactly this
-    shape, whose remaining fraction replaces target_remaining."""
+    """Fixed final sizes [hidden, heads, kv_heads, intermediate] or [hidden, heads, kv_heads, intermediate, layers]
+    (uniform layout); the run ends at exactly this shape, whose remaining fraction replaces target_remaining. With a
+    layer count the layers of lowest block influence are cut once the widths reach their target."""
     criterion: Literal["apt", "taylor", "activation", "magnitude", "random"] = "apt"
     """What ranks the blocks (docs/design.md §3): apt: outlier-aware salience |∂L/∂H|·|H| + sqrt(kurtosis);
     taylor: |Σ H·∂L/∂H| per block (LLM-Pruner's first-order Taylor); activation: mean squared activation
@@ -292,17 +293,28 @@ class PruningSection:
             out.append(f"depth: {self.depth!r} needs shape_search measured (layer cuts are chosen by loss), got "
                        f"{self.shape_search!r}")
         if self.target_shape is not None:
-            out.append(f"depth: {self.depth!r} with a target_shape is not supported: give one of them")
+            out.append(f"depth: {self.depth!r} with a target_shape: give the layer count as target_shape's fifth "
+                       f"entry instead")
         return out
+
+    @property
+    def target_layers(self) -> int | None:
+        """The layer count `target_shape` ends at, where it gives one (its fifth entry)."""
+        return self.target_shape[4] if self.target_shape is not None and len(self.target_shape) == 5 else None
+
+    @property
+    def cuts_layers(self) -> bool:
+        """Whether the run may cut whole layers (`depth`, or a `target_shape` with a layer count)."""
+        return self.depth != "off" or self.target_layers is not None
 
     def _target_shape_problems(self) -> list[str]:
         """A target shape a LlamaConfig accepts; whether it fits the model is checked where the model is known."""
         if self.target_shape is None:
             return []
-        if len(self.target_shape) != 4 or min(self.target_shape) < 1:
-            return [f"target_shape: {list(self.target_shape)} must be four sizes >= 1: [hidden, heads, kv_heads, "
-                    f"intermediate]"]
-        hidden, heads, kv_heads, _ = self.target_shape
+        if len(self.target_shape) not in (4, 5) or min(self.target_shape) < 1:
+            return [f"target_shape: {list(self.target_shape)} must be four or five sizes >= 1: [hidden, heads, "
+                    f"kv_heads, intermediate] and optionally layers"]
+        hidden, heads, kv_heads = self.target_shape[:3]
         out = []
         if heads % kv_heads:
             out.append(f"target_shape: heads {heads} must be a multiple of kv_heads {kv_heads}")

@@ -7,6 +7,7 @@ Every problem is collected and raised once, as `config.load` does for the config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import corpus, lm_eval_tasks, model_io, tracking
 from pipeline.apt import shapes
-from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape
+from pipeline.apt.blocks import SUPPORTED_MODEL_TYPES, ModelShape, total_params
 from pipeline.config import ConfigError, RunConfig
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
@@ -94,25 +95,35 @@ def checkpoint_config(model, seq_len: int) -> tuple[dict | None, list[str]]:
 
 def target_shape_problems(cfg: RunConfig) -> list[str]:
     """`pruning.target_shape` fits the model: no size above the model's, KV heads as `pruning.attention_mode`
-    keeps them (the config checked its form already)."""
-    if cfg.pruning.target_shape is None or (shape := configured_shape(cfg.model)) is None:
+    keeps them, a layer count no more than the model has (the config checked its form already)."""
+    target = cfg.pruning.target_shape
+    if target is None or (shape := configured_shape(cfg.model)) is None:
         return []  # an unreadable model is reported by checkpoint_config
-    problems = shapes.target_shape_problems(shape, cfg.pruning.target_shape, cfg.pruning.attention_mode)
+    problems = shapes.target_shape_problems(shape, target[:4], cfg.pruning.attention_mode)
+    layers = cfg.pruning.target_layers
+    if layers is not None and layers > shape.num_layers:
+        problems.append(f"layers {layers} exceeds the model's {shape.num_layers}")
     return [f"pruning.target_shape: {problem}" for problem in problems]
 
 
 def depth_problems(cfg: RunConfig) -> list[str]:
-    """A `pruning.depth` the model allows: a layer count with at least one layer cut and one kept, and layers whose
-    sublayers have no output bias (a layer masked whole must add nothing)."""
-    depth = cfg.pruning.depth
-    if depth == "off" or (shape := configured_shape(cfg.model)) is None:
+    """Layer cuts the model allows: a `pruning.depth` count with at least one layer cut and one kept, whose layers
+    can hold `target_remaining`; sublayers without an output bias (a layer masked whole must add nothing)."""
+    pruning = cfg.pruning
+    if not pruning.cuts_layers or (shape := configured_shape(cfg.model)) is None:
         return []
+    depth, option = pruning.depth, "pruning.depth" if pruning.depth != "off" else "pruning.target_shape"
     if isinstance(depth, int) and not 1 <= depth < shape.num_layers:
         return [f"pruning.depth: {depth} layers to keep; the model has {shape.num_layers}, so it must be in "
                 f"[1, {shape.num_layers - 1}] (or off / auto)"]
+    if isinstance(depth, int):
+        most = total_params(dataclasses.replace(shape, num_layers=depth)) / total_params(shape)
+        if most < pruning.target_remaining:
+            return [f"pruning.depth: the {depth} kept layers hold at most {most:.3f} of the parameters, less than "
+                    f"pruning.target_remaining {pruning.target_remaining}; keep more layers or lower the target"]
     if shape.o_proj_bias:
-        return [f"pruning.depth: {depth!r} cuts whole layers, but this model's o_proj and down_proj have a bias that "
-                f"a layer adds even with every head and neuron pruned; set pruning.depth=off"]
+        return [f"{option}: cuts whole layers, but this model's o_proj and down_proj have a bias that a layer adds "
+                f"even with every head and neuron pruned; keep every layer (pruning.depth=off, no layer count)"]
     return []
 
 

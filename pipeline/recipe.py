@@ -355,9 +355,9 @@ class AptFinetuneRecipe:
                             lambda masks: set_masks(self.engine.module, masks), restore=self.state.masks)
 
     def measure_layers(self) -> list[int] | None:
-        """The layers by block influence on the shape batches, where `pruning.depth` cuts layers (forward only,
+        """The layers by block influence on the shape batches, where the run cuts layers (forward only,
         under no_grad like `measure_shapes`; collective)."""
-        return None if self.cfg.pruning.depth == "off" else influence_order(self.engine, self.shape_batches)
+        return influence_order(self.engine, self.shape_batches) if self.cfg.pruning.cuts_layers else None
 
     # ---- compaction --------------------------------------------------------------------------------------
 

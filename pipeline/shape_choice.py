@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import dist
-from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes, total_params
+from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.depth import (
     BlockInfluence,
     cut_counts,
@@ -129,16 +129,31 @@ def _mean(loss_sum: float, tokens: float) -> float:
 
 
 def target_kept(pruning, shape: ModelShape) -> KeptSizes | None:
-    """`pruning.target_shape` (hidden, heads, kv_heads, intermediate) as kept sizes of `shape`; None if unset."""
+    """`pruning.target_shape`'s widths (hidden, heads, kv_heads, intermediate) in every layer of `shape`; None if
+    unset."""
     if pruning.target_shape is None:
         return None
-    return uniform_shape(shape, *pruning.target_shape)
+    return uniform_shape(shape, *pruning.target_shape[:4])
 
 
 def final_remaining(pruning, original: ModelShape) -> float:
-    """The fraction the schedule ends at: `pruning.target_shape`'s, when one is set, else `target_remaining`."""
-    target = target_kept(pruning, original)
-    return pruning.target_remaining if target is None else shape_fraction(original, target)
+    """The fraction the schedule ends at: `pruning.target_shape`'s (with its layer count, if it gives one), when one
+    is set, else `target_remaining`."""
+    if pruning.target_shape is None:
+        return pruning.target_remaining
+    final = dataclasses.replace(original, num_layers=pruning.target_layers or original.num_layers)
+    return remaining_params(final, target_kept(pruning, final)) / total_params(original)
+
+
+def target_cuts(pruning, shape: ModelShape, budget: int, forced: int) -> int:
+    """Layers a `target_shape` with a layer count has cut at `budget` parameters: the fewest (at least the `forced`
+    ones) whose target widths on the layers left fit it, so the widths reach their target before layers go."""
+    last = shape.num_layers - pruning.target_layers
+    for cut in range(forced, last):
+        left = dataclasses.replace(shape, num_layers=shape.num_layers - cut)
+        if remaining_params(left, target_kept(pruning, left)) <= budget:
+            return cut
+    return max(forced, last)
 
 
 def search_target(
@@ -159,9 +174,10 @@ def search_target(
     within itself, `pruning.shape_candidates` of them), masks of each by `masks_for_shape`, and `measure(masks)`
     (e.g. `lambda m: choose_shape(engine, m, batches, set_fn, restore=current)`) picks one; without `measure` the
     first candidate (the even split) is taken. With `pruning.target_shape` the one candidate is the path to that
-    shape. `alive` keeps pruned blocks pruned while the budget allows (finalize). Under `pruning.depth` the
-    candidates also cut whole layers, lowest in `layer_order` first (`progress`: how far the schedule is, 0..1;
-    `original_layers`: the layer count before any compaction, default `shape`'s).
+    shape (its layers cut as `target_cuts` says). `alive` keeps pruned blocks pruned while the budget allows
+    (finalize). Under `pruning.depth` the candidates also cut whole layers, lowest in `layer_order` first
+    (`progress`: how far the schedule is, 0..1; `original_layers`: the layer count before any compaction,
+    default `shape`'s).
     Returns the masks, the candidate shapes and the choice (None where nothing was measured).
     """
     if pruning.shape_search == "global" and pruning.target_shape is None:
@@ -175,7 +191,10 @@ def search_target(
         return total_params(dataclasses.replace(shape, num_layers=shape.num_layers - cut)) > budget
 
     compacted_away = (original_layers or shape.num_layers) - shape.num_layers
-    counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, compacted_away)
+    if pruning.target_layers is not None:
+        counts = [target_cuts(pruning, shape, budget, len(forced))]
+    else:
+        counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, compacted_away)
     if layer_order is None and max(counts) > len(forced):
         raise ValueError("cutting layers needs their order (layer_order)")
     proposals: dict[KeptSizes, MaskSet] = {}

@@ -51,10 +51,14 @@ SCORING = {("taylor", "gradual"): ["pruning.salience_gradient=after_mask"],
            ("apt", "one_shot"): ["apt.outlier_term=false"]}
 """The salience's own options, each on a row whose ranking reads it: the gradient after the mask where masks fade
 (gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term."""
+TARGET = [32, 2, 1, 64, 1]
+"""A fixed final shape with a layer count: [hidden, heads, kv_heads, intermediate, layers]."""
 DEPTH = {("magnitude", "gradual"): ["pruning.depth=1"], ("apt", "one_shot"): ["pruning.depth=1"],
-         ("activation", "gradual"): ["pruning.depth=auto"], ("taylor", "one_shot"): ["pruning.depth=auto"]}
+         ("activation", "gradual"): ["pruning.depth=auto"], ("taylor", "one_shot"): ["pruning.depth=auto"],
+         ("random", "gradual"): [f"pruning.target_shape={json.dumps(TARGET)}"]}
 """Whole layers as units (the tiny model has two): one kept layer, reached along the schedule (ZeRO-3, per-layer,
-compaction) or at once (ZeRO-2, uniform, one-shot), and auto weighing a cut against widths (both ZeRO stages)."""
+compaction) or at once (ZeRO-2, uniform, one-shot), auto weighing a cut against widths (both ZeRO stages), and a
+target shape of one layer reached without a compaction (the export leaves the masked layer out)."""
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
         "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
@@ -107,6 +111,11 @@ def test_combination_runs_the_chain(tmp_path, small_corpus, row, ranking):
         assert_pruned_before_step_one(tmp_path / "tiny", compacted=row["pruning.compact"])
     if "pruning.depth=1" in DEPTH.get(ranking, []):
         assert_one_layer_left(tmp_path / "tiny")
+    if ranking == ("random", "gradual"):
+        assert_one_layer_left(tmp_path / "tiny")
+        config = json.loads((tmp_path / "tiny" / "merge" / "model" / "config.json").read_text())
+        assert [config[key] for key in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size")] == TARGET[:4]
 
 
 @pytest.mark.e2e

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import preflight
-from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params, total_params
+from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.depth import BlockInfluence, cut_counts
 from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.config import ConfigError, PruningSection
-from pipeline.shape_choice import search_target
+from pipeline.shape_choice import final_remaining, search_target
 
 
 def test_block_influence_is_one_minus_the_mean_cosine_between_a_layers_input_and_output(tiny_model, input_ids):
@@ -133,8 +133,43 @@ def test_depth_is_checked_at_start_up(tiny_config):
     for overrides, message in ((["pruning.depth=0"], "depth: 0 layers to keep must be >= 1"),
                                (["pruning.depth=deep"], r"one of \['off', 'auto'\] or an integer"),
                                (["pruning.depth=auto", "pruning.shape_search=global"], "needs shape_search measured"),
-                               (["pruning.depth=1", "pruning.target_shape=[32, 2, 1, 64]"], "give one of them")):
+                               (["pruning.depth=1", "pruning.target_shape=[32, 2, 1, 64]"], "fifth entry")):
         with pytest.raises(ConfigError, match=message):
             tiny_config(*overrides)
     cfg = tiny_config("pruning.depth=2")
     assert any("pruning.depth: 2 layers to keep; the model has 2" in p for p in preflight.depth_problems(cfg))
+    assert preflight.depth_problems(tiny_config("pruning.depth=1")) == []
+    held = preflight.depth_problems(tiny_config("pruning.depth=1", "pruning.target_remaining=0.95"))
+    assert len(held) == 1 and "the 1 kept layers hold at most" in held[0] and "target_remaining 0.95" in held[0]
+
+
+def test_a_target_shape_with_a_layer_count_cuts_layers_once_the_widths_reach_it():
+    target = pruning(target_shape=(16, 2, 1, 24, 2))
+    final = final_remaining(target, SHAPE)
+    two_layers = dataclasses.replace(SHAPE, num_layers=2)
+    sizes = KeptSizes(hidden=16, heads=(2, 2), kv_heads=(1, 1), neurons=(24, 24))
+    assert final == remaining_params(two_layers, sizes) / total_params(SHAPE)  # two layers at the target widths
+    cuts_seen = []
+    for rho in (0.9, 0.7, 0.5, 0.4, final):
+        masks, shapes, _ = search_target(SHAPE, scores(), rho, target, layer_order=ORDER)
+        kept = kept_sizes(masks)
+        assert shapes == [kept] and remaining_params(SHAPE, kept) <= math.floor(rho * total_params(SHAPE))
+        left = [layer for layer in range(4) if layer not in kept.cut_layers]
+        assert kept.cut_layers == sorted(ORDER[:len(kept.cut_layers)])  # the lowest influence goes first
+        assert all(kept.heads[layer] >= 2 and kept.neurons[layer] >= 24 for layer in left) and kept.hidden >= 16
+        cuts_seen.append(len(kept.cut_layers))
+    assert cuts_seen == sorted(cuts_seen) and cuts_seen[0] == 0  # widths first, then layers, never back
+    assert kept == dataclasses.replace(kept, hidden=16) and kept.cut_layers == [0, 2]
+    assert [kept.heads[layer] for layer in (1, 3)] == [2, 2] and [kept.neurons[layer] for layer in (1, 3)] == [24, 24]
+    assert remaining_params(SHAPE, kept) == round(final * total_params(SHAPE))
+
+
+def test_a_target_layer_count_is_checked_at_start_up(tiny_config):
+    cfg = tiny_config("pruning.target_shape=[32, 2, 1, 64, 1]")
+    assert cfg.pruning.target_layers == 1 and cfg.pruning.cuts_layers
+    assert tiny_config("pruning.target_shape=[32, 2, 1, 64]").pruning.target_layers is None
+    assert preflight.target_shape_problems(cfg) == [] and preflight.depth_problems(cfg) == []
+    too_many = tiny_config("pruning.target_shape=[32, 2, 1, 64, 3]")
+    assert preflight.target_shape_problems(too_many) == ["pruning.target_shape: layers 3 exceeds the model's 2"]
+    with pytest.raises(ConfigError, match="four or five sizes"):
+        tiny_config("pruning.target_shape=[32, 2, 1, 64, 1, 1]")

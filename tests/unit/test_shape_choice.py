@@ -1,5 +1,6 @@
 """The shape chosen by measured loss: lowest mean LM loss wins, the same on N ranks as in one process."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from pipeline.apt.blocks import ModelShape, kept_sizes
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
+from pipeline.config import PruningSection
 from pipeline.shape_choice import choose_shape, final_remaining, influence_order, search_target
 
 from harness import spawn
@@ -124,10 +126,10 @@ def test_two_ranks_choose_what_one_process_chooses(tmp_path):
     assert results[0]["losses"] == pytest.approx(list(one.losses), rel=1e-9)
 
 
-def pruning(**fields):
-    defaults = dict(shape_search="measured", shape_candidates=5, target_shape=None, attention_mode="kv_group",
-                    layout="uniform", round_to=8, min_hidden=8, target_remaining=0.5, depth="off")
-    return SimpleNamespace(**(defaults | fields))
+def pruning(**fields) -> PruningSection:
+    defaults = dict(shape_search="measured", shape_candidates=5, attention_mode="kv_group", round_to=8, min_hidden=8,
+                    target_remaining=0.5)
+    return dataclasses.replace(PruningSection(), **(defaults | fields))
 
 
 def test_search_target_by_shape_search():
@@ -163,7 +165,7 @@ def test_config_checks_the_new_pruning_fields(tiny_config):
     assert tiny_config("pruning.target_shape=[32, 2, 1, 64]").pruning.target_shape == (32, 2, 1, 64)
     for override, message in (("pruning.target_shape=[32, 3, 2, 64]", "multiple of kv_heads"),
                               ("pruning.target_shape=[30, 4, 2, 64]", "multiple of heads"),
-                              ("pruning.target_shape=[32, 4, 2]", "four sizes"),
+                              ("pruning.target_shape=[32, 4, 2]", "four or five sizes"),
                               ("pruning.shape_candidates=0", "shape_candidates"),
                               ("pruning.shape_batches=0", "shape_batches"),
                               ("pruning.shape_search=best", "shape_search")):

@@ -21,8 +21,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 run: $(VENV)/.installed  ## the whole pipeline on the embedded tiny defaults
 	$(VENV)/bin/apt-pipeline run --config $(CONFIG)
 
-test: $(VENV)/.installed lint  ## ruff, then every test (slow ones too)
-	$(PY) -m pytest -q
+# Two workers: a chain leaves a core idle while its driver imports, preps and exports, and many tests wait on
+# processes; the tests of a shared chain or the ssh hosts stay on one worker (tests/conftest.py).
+test: $(VENV)/.installed lint  ## ruff, then every test (slow ones too), on two pytest-xdist workers
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 gpu-smoke: $(VENV)/.installed  ## the tiny chain on every visible GPU: ZeRO-3/ZeRO-2 x bf16/fp16 (no GPU: says so)
 	PYTHON=$(PY) launch/gpu_smoke.sh

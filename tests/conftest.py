@@ -26,6 +26,18 @@ os.environ["PATH"] = os.pathsep.join(dict.fromkeys([str(Path(sys.executable).par
                                                     *os.environ.get("PATH", "").split(os.pathsep)]))
 
 
+SHARED = {"reference_run", "ssh_hosts"}
+"""Fixtures that one process must hold for all their tests: the reference chain (run once, ~1.5 min) and the ssh
+hosts (they edit /etc/hosts and ~/.ssh/config)."""
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the tests of a shared fixture go to one worker."""
+    for item in items:
+        if SHARED & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("reference_run"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _default_model_untouched():
     """The committed base model is every default config's model.path: a test that writes there fails the run."""

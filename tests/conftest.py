@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from pipeline import config as config_lib
 
@@ -24,18 +25,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 # (pipeline.run.rank_environment), or the two would rebuild the ops over each other.
 os.environ["PATH"] = os.pathsep.join(dict.fromkeys([str(Path(sys.executable).parent),
                                                     *os.environ.get("PATH", "").split(os.pathsep)]))
-
-
-SHARED = {"reference_run", "ssh_hosts"}
-"""Fixtures that one process must hold for all their tests: the reference chain (run once, ~1.5 min) and the ssh
-hosts (they edit /etc/hosts and ~/.ssh/config)."""
-
-
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the tests of a shared fixture go to one worker."""
-    for item in items:
-        if SHARED & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("reference_run"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,12 +43,24 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder all pytest-xdist workers of this session share (`make test` runs two); one process: its own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    return tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
-    """The first 12 documents of the bundled corpus: real text, fast to prep."""
-    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
-    lines = (REPO / "data" / "python-docs.jsonl").read_text().splitlines()[:12]
-    path.write_text("\n".join(lines) + "\n")
+    """The first 12 documents of the bundled corpus: real text, fast to prep (one file for every worker, so runs
+    that compare fingerprints read the same path)."""
+    folder = shared_dir(tmp_path_factory, "corpus")
+    path = folder / "small.jsonl"
+    with FileLock(f"{folder}.lock"):
+        if not path.is_file():
+            folder.mkdir(exist_ok=True)
+            lines = (REPO / "data" / "python-docs.jsonl").read_text().splitlines()[:12]
+            path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -107,8 +108,11 @@ def reference_run(tmp_path_factory, small_corpus) -> Path:
 
     from harness import free_port
 
-    root = tmp_path_factory.mktemp("reference")
-    result = apt_pipeline("run", "--config", "tests/tiny.yaml", f"run.root={root}", f"data.sources=[{small_corpus}]",
-                          f"deepspeed.master_port={free_port()}", *REFERENCE)
-    (root / "driver.log").write_text(result.stderr)
+    root = shared_dir(tmp_path_factory, "reference")
+    with FileLock(f"{root}.lock"):  # the first worker runs it; the other waits and reads it
+        if not (root / "driver.log").is_file():  # written once the chain has finished
+            root.mkdir(exist_ok=True)
+            result = apt_pipeline("run", "--config", "tests/tiny.yaml", f"run.root={root}",
+                                  f"data.sources=[{small_corpus}]", f"deepspeed.master_port={free_port()}", *REFERENCE)
+            (root / "driver.log").write_text(result.stderr)
     return root / "tiny"

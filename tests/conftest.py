@@ -27,6 +27,24 @@ os.environ["PATH"] = os.pathsep.join(dict.fromkeys([str(Path(sys.executable).par
                                                     *os.environ.get("PATH", "").split(os.pathsep)]))
 
 
+LONGEST_FIRST = ["e2e/test_option_matrix.py", "e2e/test_scale_bench.py", "dist/test_finetune.py",
+                 "dist/test_pdsh_nodes.py", "e2e/test_default_run.py", "faults/test_checkpoint_faults.py",
+                 "e2e/test_resume.py", "faults/test_mlflow_down.py"]
+"""The files that take longest (2-13 minutes each on 2 cores), in that order: `make test` hands whole files to its
+two workers in collection order, and a long file handed out last leaves one worker idle until it ends."""
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest files first (a stable sort: the rest keep pytest's order)."""
+    tests = Path(__file__).parent
+
+    def rank(item) -> int:
+        path = item.path.relative_to(tests).as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _default_model_untouched():
     """The committed base model is every default config's model.path: a test that writes there fails the run."""

@@ -118,14 +118,14 @@ def build_base(directory: Path, shape: Shape, seed: int = 0) -> None:
 
 
 def chain_overrides(args, run_root: Path, base: Path) -> list[str]:
-    """The default method (configs/tiny.yaml: growth, distillation, compaction) at this size: ZeRO-3, micro batch 1,
-    a short window, small evals."""
+    """The default method (configs/tiny.yaml: growth, distillation, compaction) at this size: ZeRO-3, bf16 (the
+    precision of the memory plan), micro batch 1, a short window, small evals."""
     half = max(1, args.window // 2)
     return [
         f"run.root={run_root}", "run.name=chain", f"model.path={base}", f"tokenizer.path={base}",
         "deepspeed.config=ds_configs/zero3_cpu.json", f"deepspeed.master_port={args.master_port}",
         f"data.seq_len={args.seq}", "train.micro_batch_size=1", f"train.steps={args.steps}", "train.lr=1e-3",
-        f"train.checkpoint_every={args.steps}", "train.eval_batches=2",
+        f"train.checkpoint_every={args.steps}", "train.eval_batches=2", "train.precision=bf16",
         f"pruning.end_step={args.window}", f"pruning.update_every={half}", "pruning.mask_step=0.25",
         f"apt.grow_every={half + 1}", "pruning.shape_batches=1", "salience.batches=2",
         "eval.batches=2", "eval.batch_size=1", "eval.rounds=3", "eval.new_tokens=16", "eval.lm_eval_limit=8",

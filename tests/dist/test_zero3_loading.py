@@ -29,7 +29,8 @@ def load_partitioned(rank, world_size, model_dir, out_dir):
         return from_pretrained(*args, **kwargs)
 
     model_io.AutoModelForCausalLM.from_pretrained = spy
-    ds_config = load_ds_config("ds_configs/zero3_cpu.json", TrainSection(micro_batch_size=1), world_size)
+    train = TrainSection(micro_batch_size=1, precision="bf16")
+    ds_config = load_ds_config("ds_configs/zero3_cpu.json", train, world_size)
     model = model_io.load_base_model(model_dir, ModelSection(path=str(model_dir)), ds_config)
     params = dict(model.named_parameters())
     partitioned = all(p.ds_tensor.numel() <= -(-p.ds_numel // world_size) for p in params.values())

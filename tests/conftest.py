@@ -30,7 +30,7 @@ os.environ["PATH"] = os.pathsep.join(dict.fromkeys([str(Path(sys.executable).par
 LONGEST_FIRST = ["e2e/test_option_matrix.py", "e2e/test_scale_bench.py", "dist/test_finetune.py",
                  "dist/test_pdsh_nodes.py", "e2e/test_default_run.py", "faults/test_checkpoint_faults.py",
                  "e2e/test_resume.py", "faults/test_mlflow_down.py"]
-"""The files that take longest (2-13 minutes each on 2 cores), in that order: `make test` hands whole files to its
+"""The files that take longest (2-15 minutes each on 2 cores), in that order: `make test` hands whole files to its
 two workers in collection order, and a long file handed out last leaves one worker idle until it ends."""
 
 

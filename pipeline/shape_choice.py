@@ -141,8 +141,14 @@ def final_remaining(pruning, original: ModelShape) -> float:
     is set, else `target_remaining`."""
     if pruning.target_shape is None:
         return pruning.target_remaining
-    final = dataclasses.replace(original, num_layers=pruning.target_layers or original.num_layers)
-    return remaining_params(final, target_kept(pruning, final)) / total_params(original)
+    layers = pruning.target_layers or original.num_layers
+    return target_params(pruning, original, layers) / total_params(original)
+
+
+def target_params(pruning, shape: ModelShape, layers: int) -> int:
+    """Parameters of `layers` layers of `shape` at `pruning.target_shape`'s widths."""
+    left = dataclasses.replace(shape, num_layers=layers)
+    return remaining_params(left, target_kept(pruning, left))
 
 
 def target_cuts(pruning, shape: ModelShape, budget: int, forced: int) -> int:
@@ -150,8 +156,7 @@ def target_cuts(pruning, shape: ModelShape, budget: int, forced: int) -> int:
     ones) whose target widths on the layers left fit it, so the widths reach their target before layers go."""
     last = shape.num_layers - pruning.target_layers
     for cut in range(forced, last):
-        left = dataclasses.replace(shape, num_layers=shape.num_layers - cut)
-        if remaining_params(left, target_kept(pruning, left)) <= budget:
+        if target_params(pruning, shape, shape.num_layers - cut) <= budget:
             return cut
     return max(forced, last)
 

@@ -18,6 +18,8 @@ class Row:
     """Pipeline config sections to update (`apt_run.run_config`)."""
     recovery: dict = field(default_factory=dict)
     """RecoverySettings fields to replace (settings the pipeline config derives from the step count)."""
+    targets: tuple[float, ...] = (0.5,)
+    """Where an ablation runs (the main rows run at every target of the study)."""
 
 
 ONE_SHOT = {"schedule": "one_shot"}
@@ -34,10 +36,15 @@ ROWS = {
     "apt-global": Row("APT, global density search", {"pruning": {"shape_search": "global"}}),
     "apt-early": Row("APT, pruning window ends at 30% of the steps", recovery={"window_fraction": 0.3}),
     "apt-late": Row("APT, pruning window ends at 80% of the steps", recovery={"window_fraction": 0.8}),
-    "apt-activation": Row("APT's schedule, activation scores", {"pruning": {"criterion": "activation"}}),
-    "apt-one-shot": Row("APT's salience, one-shot", {"pruning": {"criterion": "apt", **ONE_SHOT}}),
+    "apt-activation": Row("APT's schedule, activation scores", {"pruning": {"criterion": "activation"}},
+                          targets=(0.7, 0.5, 0.3)),
+    "apt-one-shot": Row("APT's salience, one-shot", {"pruning": {"criterion": "apt", **ONE_SHOT}},
+                        targets=(0.7, 0.5, 0.3)),
     "apt-after-mask": Row("APT, salience gradient after the mask", {"pruning": {"salience_gradient": "after_mask"}}),
     "apt-no-outlier": Row("APT, no outlier (kurtosis) term", {"apt": {"outlier_term": False}}),
+    "apt-momentum-50": Row("APT, salience EMA momentum 0.5", {"apt": {"salience_momentum": 0.5}}),
+    "apt-momentum-95": Row("APT, salience EMA momentum 0.95", {"apt": {"salience_momentum": 0.95}}),
+    "apt-update-10": Row("APT, a pruning update every 10 steps", recovery={"update_every": 10}),
     "apt-depth": Row("APT, 4 of 8 layers kept (pruning.depth=4)", {"pruning": {"depth": 4}}),
     "apt-auto": Row("APT, layer cuts or widths by loss (pruning.depth=auto)", {"pruning": {"depth": "auto"}}),
     "shortgpt": Row("ShortGPT-style: the 4 lowest-influence layers cut one-shot",
@@ -59,9 +66,15 @@ EQUAL_RECOVERY = ("taylor", "activation", "magnitude", "random")
 MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
-             "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-depth", "apt-auto", "shortgpt")
-"""Run at ABLATION_TARGET with every seed (a change to the method is judged against the seed spread)."""
+             "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-momentum-50", "apt-momentum-95",
+             "apt-update-10", "apt-depth", "apt-auto", "shortgpt")
+"""Run at their row's targets (ABLATION_TARGET unless it says) with every seed (a change to the method is judged
+against the seed spread)."""
 ABLATION_TARGET = 0.5
+CRITERION_BY_SCHEDULE = {("apt", "gradual"): "apt", ("apt", "one_shot"): "apt-one-shot",
+                         ("activation", "gradual"): "apt-activation", ("activation", "one_shot"): "activation"}
+"""APT's salience and activation scores, each with APT's gradual schedule and one-shot: the rows that tell a
+criterion's effect from the schedule's, at every target."""
 NO_RECOVERY = tuple(NO_RECOVERY_ROWS)
 """Each criterion's one-shot cut of the dense model, scored as cut: how far apart the rankings are before recovery.
 Run at every target with the first seed."""

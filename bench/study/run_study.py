@@ -37,7 +37,7 @@ from bench.report import environment_lines, write_section
 from bench.study import study_report
 from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, run_apt, run_config
 from bench.study.pretrain import PretrainSettings, pretrain
-from bench.study.rows import ABLATION_TARGET, ABLATIONS, LORA, MAIN, NO_RECOVERY, ROWS, ingredients
+from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, ROWS, ingredients
 from bench.study.scoring import count_params, evaluate, load_model
 from pipeline.stage import write_atomic
 
@@ -146,8 +146,8 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, float, int]]:
             runs += [(method, target, seed) for method in MAIN if method in args.methods]
             if index == 0:
                 runs += [(method, target, seed) for method in NO_RECOVERY if method in args.methods]
-        if ABLATION_TARGET in args.targets:
-            runs += [(method, ABLATION_TARGET, seed) for method in ABLATIONS if method in args.methods]
+        runs += [(method, target, seed) for method in ABLATIONS if method in args.methods
+                 for target in ROWS[method].targets if target in args.targets]
     return runs
 
 

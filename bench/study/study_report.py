@@ -7,7 +7,16 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from bench.study.rows import ABLATION_TARGET, ABLATIONS, EQUAL_RECOVERY, LORA, MAIN, NO_RECOVERY, ROWS
+from bench.study.rows import (
+    ABLATION_TARGET,
+    ABLATIONS,
+    CRITERION_BY_SCHEDULE,
+    EQUAL_RECOVERY,
+    LORA,
+    MAIN,
+    NO_RECOVERY,
+    ROWS,
+)
 
 SECTION = "## Quality: APT against other pruners at equal recovery"
 
@@ -170,6 +179,18 @@ def ablation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def criterion_schedule_table(results: dict) -> str:
+    """Perplexity of each (criterion, schedule) pair at every target, with the same recovery."""
+    pairs = list(CRITERION_BY_SCHEDULE.items())
+    lines = ["| target | " + " | ".join(f"{criterion}, {schedule}" for (criterion, schedule), _ in pairs) + " |",
+             "|---:|" + "---:|" * len(pairs)]
+    for target in targets(results):
+        cells = [mean_spread(stat) if (stat := summary(results, method, target)) else "–" for _, method in pairs]
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def no_recovery_table(results: dict) -> str:
     """Each criterion's one-shot cut of the dense model as cut (first seed), beside its row after recovery."""
     after = {"apt-raw": "apt", **{f"{c}-raw": c for c in EQUAL_RECOVERY}}
@@ -240,6 +261,8 @@ def report(results: dict, json_path: str, plot_path: str) -> str:
         "recovery, mean over seeds; APT's own row prunes gradually):", "", no_recovery_table(results), "",
         "Cost:", "", cost_table(results), "", lora_ratio(results), "",
         "Ablations of APT's defaults:", "", ablation_table(results), "",
+        "Criterion or schedule: APT's salience and activation scores, each pruned gradually (APT's schedule) and "
+        "one-shot, with the same recovery (mean ± std over seeds):", "", criterion_schedule_table(results), "",
         f"Every run (records: `{json_path}`; rebuilt by `python -m bench.study.run_study --from-results "
         f"{json_path}`):", "", detail_table(results), "", f"Plot: `{plot_path}`.", "",
     ])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ABLATION_TARGET = 0.5
+
 
 @dataclass(frozen=True)
 class Row:
@@ -18,7 +20,7 @@ class Row:
     """Pipeline config sections to update (`apt_run.run_config`)."""
     recovery: dict = field(default_factory=dict)
     """RecoverySettings fields to replace (settings the pipeline config derives from the step count)."""
-    targets: tuple[float, ...] = (0.5,)
+    targets: tuple[float, ...] = (ABLATION_TARGET,)
     """Where an ablation runs (the main rows run at every target of the study)."""
 
 
@@ -70,7 +72,9 @@ ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-
              "apt-update-10", "apt-depth", "apt-auto", "shortgpt")
 """Run at their row's targets (ABLATION_TARGET unless it says) with every seed (a change to the method is judged
 against the seed spread)."""
-ABLATION_TARGET = 0.5
+PREVIOUS_MACHINE_ONLY = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late")
+"""Ablations measured only on the previous machine's pretrained model (bench/results/study-previous-machine.json):
+`--methods` runs them; the default study, timed whole on this machine, leaves them out."""
 CRITERION_BY_SCHEDULE = {("apt", "gradual"): "apt", ("apt", "one_shot"): "apt-one-shot",
                          ("activation", "gradual"): "apt-activation", ("activation", "one_shot"): "activation"}
 """APT's salience and activation scores, each with APT's gradual schedule and one-shot: the rows that tell a

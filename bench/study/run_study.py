@@ -37,7 +37,7 @@ from bench.report import environment_lines, write_section
 from bench.study import study_report
 from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, run_apt, run_config
 from bench.study.pretrain import PretrainSettings, pretrain
-from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, ROWS, ingredients
+from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, PREVIOUS_MACHINE_ONLY, ROWS, ingredients
 from bench.study.scoring import count_params, evaluate, load_model
 from pipeline.stage import write_atomic
 
@@ -75,7 +75,9 @@ PRESETS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller model and budget for a few-minute look")
-    parser.add_argument("--methods", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
+    parser.add_argument("--methods", nargs="+", choices=list(ROWS), help="rows to run (default: every row but "
+                        f"{', '.join(PREVIOUS_MACHINE_ONLY)})",
+                        default=[method for method in ROWS if method not in PREVIOUS_MACHINE_ONLY])
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="targets to run (default: the preset's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds to run (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1, help="pipelines at once (each with --threads torch threads)")

@@ -23,6 +23,8 @@ import torch
 import transformers
 from inference_speed import WALL, Workload, generate, load, time_rounds
 
+from pipeline.evaluation import model_sizes
+
 from report import environment_lines, write_section
 
 SECTION = "## Generation speed: width, depth and auto exports"
@@ -75,13 +77,13 @@ def measure(args: argparse.Namespace) -> dict:
                          args.repeats)
     rows = []
     for (_, name), model in models.items():
-        config = model.config
+        sizes = model_sizes(model.config)
         for batch in args.batch:
             key, dense_key = ("float32", name, "generate", batch), ("float32", "dense", "generate", batch)
             rows.append({"model": name, "batch": batch,
                          "params": sum(p.numel() for p in model.parameters()),
-                         "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                         "heads": config.num_attention_heads, "neurons": config.intermediate_size,
+                         "layers": sizes["layers"], "hidden": sizes["hidden"], "heads": sizes["heads"],
+                         "neurons": sizes["intermediate"],
                          "tokens_per_s": batch * args.new_tokens / statistics.median(r[key][WALL] for r in rounds),
                          "speedup": statistics.median(r[dense_key][WALL] / r[key][WALL] for r in rounds)})
     return {"rows": rows, "exports": args.exports, "dense": str(args.dense), "rounds": args.repeats,

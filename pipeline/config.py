@@ -250,6 +250,10 @@ class PruningSection:
     against the width-only shapes, by loss; a number: the layers the final model keeps, reached along the
     schedule. A cut layer is masked whole, then taken out at the next compaction and left out of the export
     (docs/design.md §4, §6)."""
+    depth_unit: Literal["layer", "sublayer"] = "layer"
+    """What depth auto cuts: layer: whole decoder layers; sublayer: a layer's attention or its MLP alone (both: the
+    layer), ordered by each one's block influence. sublayer needs depth auto and layout per_layer (only the
+    per-layer export can say that a layer has no attention or no MLP)."""
     salience_gradient: Literal["before_mask", "after_mask"] = "before_mask"
     """Which gradient the apt and taylor criteria use: before_mask: ∂L/∂H of the activation H the mask multiplies
     (a channel's score shrinks with its own mask as it fades); after_mask: ∂L/∂(m⊙H), the channel's score as if
@@ -284,9 +288,12 @@ class PruningSection:
 
     def _depth_problems(self) -> list[str]:
         """Layer cuts are chosen among measured candidates; whether a count fits the model is checked at preflight."""
-        if self.depth == "off":
-            return []
         out = []
+        if self.depth_unit == "sublayer" and (self.depth != "auto" or self.layout != "per_layer"):
+            out.append(f"depth_unit: sublayer needs depth auto (got {self.depth!r}) and layout per_layer (got "
+                       f"{self.layout!r}): a layer without attention or MLP exists only in the per-layer export")
+        if self.depth == "off":
+            return out
         if isinstance(self.depth, int) and self.depth < 1:
             out.append(f"depth: {self.depth} layers to keep must be >= 1 (or off / auto)")
         if self.shape_search != "measured":

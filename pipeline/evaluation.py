@@ -58,3 +58,15 @@ def interleaved_speedup(base, pruned, prompts: torch.Tensor, new_tokens: int, ro
             "ratios": ratios, "rounds": rounds, "threads": torch.get_num_threads(),
             "base_tokens_per_s": tokens / statistics.median(seconds["base"]),
             "pruned_tokens_per_s": tokens / statistics.median(seconds["pruned"])}
+
+
+def model_sizes(config) -> dict:
+    """The sizes a reader compares: hidden, layers, query / KV heads, MLP neurons (a list per layer for per_layer,
+    0 where a layer lost its attention or MLP)."""
+    per_layer = bool(getattr(config, "is_heterogeneous", False))
+
+    def size(name: str):  # transformers refuses a global read of an attribute that differs per layer
+        return [getattr(layer, name) for layer in config.per_layer_config] if per_layer else getattr(config, name)
+
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": size("num_attention_heads"),
+            "kv_heads": size("num_key_value_heads"), "intermediate": size("intermediate_size"), "per_layer": per_layer}

@@ -20,6 +20,7 @@ from pipeline import hetero
 from pipeline.apt.blocks import ModelShape
 from pipeline.apt.masks import MaskSet, empty_layers
 from pipeline.apt.slicing import (
+    BIASES,
     LayerKeep,
     biased_layer_error,
     keep_layers_in_config,
@@ -97,14 +98,18 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
                   out_dir: Path, trust_remote_code: bool = False) -> dict:
     """Write W + s·B·A sliced by binary `masks` as a sharded safetensors checkpoint with a matching config.
 
-    Equal sizes in every layer give a plain config; per-layer sizes give the registered `apt_<type>` type.
-    Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
+    Equal sizes in every layer give a plain config; per-layer sizes, or a layer's attention or MLP cut whole, give
+    the registered `apt_<type>` type. Without `adapters_path` the base alone is sliced (finetune's compacted base)."""
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     shape = ModelShape.from_config(config)
     base = BaseWeights(base_dir)
     kept = kept_layer_indices(masks, base)
-    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i]) for i in kept]
-    per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != plans[0].sizes()}
+    plans = [plan_layer(i, masks.head_mask[i], masks.kv_mask[i], masks.neuron_mask[i], sublayers_may_go=True)
+             for i in kept]
+    check_cut_sublayers(base, kept, plans)
+    sizes = global_sizes(plans)
+    # A cut sublayer's 0 never equals a global size: any cut makes the export per-layer.
+    per_layer = {i: plan.sizes() for i, plan in enumerate(plans) if plan.sizes() != sizes}
     hidden = kept_indices(masks.hidden_mask, "hidden_mask")
     if adapters_path is not None and not adapters_path.is_file():
         raise FileNotFoundError(f"{adapters_path} not found; run the finetune stage first")
@@ -120,12 +125,12 @@ def export_pruned(*, base_dir: Path, adapters_path: Path | None, masks: MaskSet,
     shards.write(len(kept), outer_weights(base, hidden, config.tie_word_embeddings))
     shards.write_index()
     keep_layers_in_config(config, kept)
-    pruned_config(config, plans[0], per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
+    pruned_config(config, sizes, per_layer, hidden.numel(), shape.head_dim, dtype).save_pretrained(str(tmp))
     if per_layer:
         shutil.copyfile(hetero.__file__, tmp / MODELING_FILE)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return {"params": shards.params, "hidden_size": hidden.numel(), **plans[0].sizes(), "per_layer": bool(per_layer)}
+    return {"params": shards.params, "hidden_size": hidden.numel(), **sizes, "per_layer": bool(per_layer)}
 
 
 def kept_layer_indices(masks: MaskSet, base: BaseWeights) -> list[int]:
@@ -135,6 +140,27 @@ def kept_layer_indices(masks: MaskSet, base: BaseWeights) -> list[int]:
         if any(name in base for name in biases):
             raise biased_layer_error(index)
     return kept_layers(masks)
+
+
+def check_cut_sublayers(base: BaseWeights, kept: list[int], plans: list[LayerKeep]) -> None:
+    """A layer's attention or MLP leaves whole only where it adds nothing: no o_proj (down_proj) bias."""
+    for source, plan in zip(kept, plans, strict=True):
+        for sublayer, present in (("attention", plan.has_attention), ("MLP", plan.has_mlp)):
+            if not present and f"model.layers.{source}.{BIASES[sublayer]}.bias" in base:
+                raise biased_layer_error(source, sublayer)
+
+
+def global_sizes(plans: list[LayerKeep]) -> dict[str, int]:
+    """The config's top-level sizes: heads from the first layer that keeps its attention, neurons from the first
+    that keeps its MLP (a loader builds its shared parts with them, so never 0)."""
+    with_attention = next((plan for plan in plans if plan.has_attention), None)
+    with_mlp = next((plan for plan in plans if plan.has_mlp), None)
+    for sublayer, plan in (("attention", with_attention), ("MLP", with_mlp)):
+        if plan is None:
+            raise ValueError(f"every layer's {sublayer} is cut: the masks must keep one layer's {sublayer}")
+    attention, mlp = with_attention.sizes(), with_mlp.sizes()
+    return {"num_attention_heads": attention["num_attention_heads"],
+            "num_key_value_heads": attention["num_key_value_heads"], "intermediate_size": mlp["intermediate_size"]}
 
 
 def renumbered(tensors: dict[str, torch.Tensor], source: int, index: int) -> dict[str, torch.Tensor]:
@@ -168,16 +194,15 @@ def outer_weights(base: BaseWeights, hidden: torch.Tensor, tied: bool) -> dict[s
     return outer
 
 
-def pruned_config(config, first: LayerKeep, per_layer: dict, hidden_size: int, head_dim: int, dtype: torch.dtype):
-    """The base's config with the kept sizes; per-layer sizes give transformers' per-layer format."""
-    sizes = first.sizes()
+def pruned_config(config, sizes: dict[str, int], per_layer: dict, hidden_size: int, head_dim: int,
+                  dtype: torch.dtype):
+    """The base's config with the kept (`global_sizes`) sizes; per-layer sizes give transformers' per-layer format."""
     config.hidden_size = hidden_size
     config.head_dim = head_dim  # explicit: it no longer equals hidden_size // num_attention_heads
-    config.num_attention_heads = sizes["num_attention_heads"]
-    config.num_key_value_heads = sizes["num_key_value_heads"]
-    config.intermediate_size = sizes["intermediate_size"]
+    for key, value in sizes.items():
+        setattr(config, key, value)
     config.dtype = dtype
-    if per_layer:  # layer 0's sizes are the global ones; the other layers list what differs
+    if per_layer:  # the layers whose sizes differ from the global ones list them (0: that sublayer is cut)
         config = heterogeneous_config(config, per_layer)
     return config
 

@@ -124,6 +124,22 @@ def depth_problems(cfg: RunConfig) -> list[str]:
     if shape.o_proj_bias:
         return [f"{option}: cuts whole layers, but this model's o_proj and down_proj have a bias that a layer adds "
                 f"even with every head and neuron pruned; keep every layer (pruning.depth=off, no layer count)"]
+    return sublayer_problems(cfg)
+
+
+def sublayer_problems(cfg: RunConfig) -> list[str]:
+    """`pruning.depth_unit=sublayer` renumbers the KV cache over the layers that keep attention: every layer must
+    use the same kind of attention (no mix of sliding-window and full layers)."""
+    if cfg.pruning.depth_unit != "sublayer" or cfg.model.path is None:
+        return []
+    try:
+        config = AutoConfig.from_pretrained(str(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return []  # an unreadable model is reported by checkpoint_config
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if len(kinds) > 1:
+        return [f"pruning.depth_unit: sublayer needs one attention kind in every layer; {cfg.model.path} mixes "
+                f"{sorted(kinds)} (config.layer_types); use depth_unit layer"]
     return []
 
 

@@ -357,7 +357,10 @@ class AptFinetuneRecipe:
     def measure_layers(self) -> list[int] | None:
         """The layers by block influence on the shape batches, where the run cuts layers (forward only,
         under no_grad like `measure_shapes`; collective)."""
-        return influence_order(self.engine, self.shape_batches) if self.cfg.pruning.cuts_layers else None
+        pruning = self.cfg.pruning
+        if not pruning.cuts_layers:
+            return None
+        return influence_order(self.engine, self.shape_batches, sublayers=pruning.depth_unit == "sublayer")
 
     # ---- compaction --------------------------------------------------------------------------------------
 

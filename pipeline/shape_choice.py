@@ -23,13 +23,17 @@ from pipeline.apt.depth import (
     BlockInfluence,
     cut_counts,
     cut_layers,
+    gone_units,
     layer_rows,
     mask_rows,
+    params_without,
     sizes_with_layers_cut,
+    split_units,
     with_layers_cut,
     without_layers,
+    without_sublayers,
 )
-from pipeline.apt.masks import MaskSet, empty_layers
+from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
 from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
 
@@ -92,11 +96,12 @@ def choose_shape(
     return ShapeChoice(index=best, losses=losses, tokens=int(sums[1]))
 
 
-def influence_order(model, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
-    """The layers by ShortGPT's block influence on `batches` (its share on each rank), lowest first: the order in
-    which `pruning.depth` cuts them. Forward only, eval mode, no grad; ONE SUM all-reduce, so all ranks agree."""
+def influence_order(model, batches: Sequence[Mapping[str, torch.Tensor]], sublayers: bool = False) -> list[int]:
+    """The layers (or, with `sublayers`, the units 2l: attention, 2l + 1: MLP) by ShortGPT's block influence on
+    `batches` (its share on each rank), lowest first: the order in which `pruning.depth` cuts them. Forward only,
+    eval mode, no grad; ONE SUM all-reduce, so all ranks agree."""
     module = getattr(model, "module", model)  # a DeepSpeed engine's model, or the model itself
-    influence = BlockInfluence(len(module.model.layers), device=dist.device())
+    influence = BlockInfluence(len(module.model.layers), device=dist.device(), sublayers=sublayers)
     influence.attach(module)
     was_training = model.training
     model.eval()
@@ -189,17 +194,19 @@ def search_target(
         options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
         masks = search_masks(shape, scores, rho, round_to=pruning.round_to, min_hidden=pruning.min_hidden, **options)
         return masks, [kept_sizes(masks)], None
-    forced = [] if alive is None else empty_layers(alive)
+    sublayers = pruning.depth_unit == "sublayer"
+    forced = [] if alive is None else gone_units(alive, sublayers)
     budget = math.floor(rho * total_params(shape))
 
-    def fits(cut: int) -> bool:  # the model without `cut` layers holds more than the budget at full width
-        return total_params(dataclasses.replace(shape, num_layers=shape.num_layers - cut)) > budget
+    def fits(cut: int) -> bool:  # the model without the first `cut` units holds more than the budget at full width
+        return params_without(shape, cut_layers(layer_order or [], forced, cut), sublayers) > budget
 
     compacted_away = (original_layers or shape.num_layers) - shape.num_layers
+    units = shape.num_layers * (2 if sublayers else 1)
     if pruning.target_layers is not None:
         counts = [target_cuts(pruning, shape, budget, len(forced))]
     else:
-        counts = cut_counts(pruning.depth, shape.num_layers, len(forced), progress, fits, compacted_away)
+        counts = cut_counts(pruning.depth, units, len(forced), progress, fits, compacted_away)
     if layer_order is None and max(counts) > len(forced):
         raise ValueError("cutting layers needs their order (layer_order)")
     proposals: dict[KeptSizes, MaskSet] = {}
@@ -217,12 +224,19 @@ def search_target(
 
 def shapes_without(shape: ModelShape, scores, rho: float, pruning, removed: Sequence[int], alive: MaskSet | None,
                    count: int) -> list[tuple[KeptSizes, MaskSet]]:
-    """Up to `count` candidate shapes (and their masks) within ⌊rho·total⌋ parameters with the `removed` layers cut
-    whole: the width search on the layers kept, placed back among all of them."""
+    """Up to `count` candidate shapes (and their masks) within ⌊rho·total⌋ parameters with the `removed` units cut
+    (layers whole, or sublayers under `pruning.depth_unit`): the width search on what is kept, placed back among
+    all the layers."""
+    sublayers = pruning.depth_unit == "sublayer"
     options = dict(attention_mode=pruning.attention_mode, layout=pruning.layout)
-    small, kept_layers = without_layers(shape, removed)
-    small_scores = layer_rows(scores, kept_layers) if removed else scores
-    small_alive = mask_rows(alive, kept_layers) if removed and alive is not None else alive
+    whole, attention, mlp = split_units(removed, sublayers)
+    small, kept_layers = without_layers(shape, whole)
+    small_scores = layer_rows(scores, kept_layers) if whole else scores
+    small_alive = mask_rows(alive, kept_layers) if whole and alive is not None else alive
+    if attention or mlp:  # a cut sublayer: the width search keeps none of it
+        small_alive = without_sublayers(small_alive or MaskSet.ones(small), [kept_layers.index(i) for i in attention],
+                                        [kept_layers.index(i) for i in mlp])
+        options["sublayers"] = True
     fraction = rho
     if removed:  # the same budget in parameters; half a parameter over it so the search's floor lands on it
         fraction = min(1.0, (math.floor(rho * total_params(shape)) + 0.5) / total_params(small))
@@ -232,7 +246,7 @@ def shapes_without(shape: ModelShape, scores, rho: float, pruning, removed: Sequ
     proposals = []
     for kept in shapes:
         masks = masks_for_shape(small, small_scores, kept, alive=small_alive, **options)
-        if removed:
+        if whole:
             kept, masks = (sizes_with_layers_cut(kept, kept_layers, shape.num_layers),
                            with_layers_cut(masks, kept_layers, shape.num_layers))
         proposals.append((kept, masks))
@@ -244,8 +258,11 @@ def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice
     rows = []
     for index, kept in enumerate(shapes):
         loss = None if choice is None else choice.losses[index]
+        sizes = list(zip(kept.heads, kept.neurons, strict=True))
         rows.append({"hidden": kept.hidden, "heads": list(kept.heads), "kv_heads": list(kept.kv_heads),
                      "neurons": list(kept.neurons), "cut_layers": kept.cut_layers,
+                     "cut_attention": [i for i, (h, n) in enumerate(sizes) if h == 0 < n],
+                     "cut_mlp": [i for i, (h, n) in enumerate(sizes) if n == 0 < h],
                      "remaining_fraction": shape_fraction(shape, kept),
                      "loss": loss if loss is not None and math.isfinite(loss) else None,
                      "chosen": index == (0 if choice is None else choice.index)})
@@ -261,6 +278,8 @@ def candidate_line(row: dict) -> str:
         return values[0] if len(set(values)) == 1 else values
 
     cut = f", layers {row['cut_layers']} cut" if row["cut_layers"] else ""
+    cut += f", attention of {row['cut_attention']} cut" if row.get("cut_attention") else ""
+    cut += f", MLP of {row['cut_mlp']} cut" if row.get("cut_mlp") else ""
     loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
     return (f"hidden {row['hidden']}, heads {sizes(row['heads'])}, neurons {sizes(row['neurons'])}{cut} "
             f"({row['remaining_fraction']:.3f} of this model): loss {loss}{' (chosen)' if row['chosen'] else ''}")

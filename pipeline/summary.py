@@ -32,7 +32,8 @@ def run_summary(run_dir: Path, base_model: str) -> str | None:
 
 
 def describe_shape(shape: dict) -> str:
-    per_layer = ", layer 0's" if shape["per_layer"] else ""
+    """Sizes in one line; a per-layer model's lists run over its layers (records before lists held layer 0's)."""
+    per_layer = ", per layer" if shape["per_layer"] else ""
     return (f"hidden {shape['hidden']} / {shape['heads']} heads ({shape['kv_heads']} KV) / "
             f"{shape['intermediate']} neurons x {shape['layers']} layers{per_layer}")
 

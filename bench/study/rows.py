@@ -49,6 +49,9 @@ ROWS = {
     "apt-update-10": Row("APT, a pruning update every 10 steps", recovery={"update_every": 10}),
     "apt-depth": Row("APT, 4 of 8 layers kept (pruning.depth=4)", {"pruning": {"depth": 4}}),
     "apt-auto": Row("APT, layer cuts or widths by loss (pruning.depth=auto)", {"pruning": {"depth": "auto"}}),
+    "apt-per-layer": Row("APT, per-layer sizes (pruning.layout=per_layer)", {"pruning": {"layout": "per_layer"}}),
+    "apt-sublayer": Row("APT, per-layer, a layer's attention or MLP alone cut by loss (depth_unit=sublayer)",
+                        {"pruning": {"layout": "per_layer", "depth": "auto", "depth_unit": "sublayer"}}),
     "shortgpt": Row("ShortGPT-style: the 4 lowest-influence layers cut one-shot",
                     {"pruning": {"criterion": "magnitude", "depth": 4, **ONE_SHOT}}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
@@ -69,7 +72,7 @@ MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
              "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-momentum-50", "apt-momentum-95",
-             "apt-update-10", "apt-depth", "apt-auto", "shortgpt")
+             "apt-update-10", "apt-depth", "apt-auto", "apt-per-layer", "apt-sublayer", "shortgpt")
 """Run at their row's targets (ABLATION_TARGET unless it says) with every seed (a change to the method is judged
 against the seed spread)."""
 PREVIOUS_MACHINE_ONLY = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late")
@@ -97,4 +100,5 @@ def ingredients(cfg) -> dict:
             "tokens": train.steps * train.micro_batch_size * train.grad_accum * cfg.data.seq_len,
             "teacher_forwards": teacher_steps, "shape_search": pruning.shape_search,
             "salience_gradient": pruning.salience_gradient, "outlier_term": apt.outlier_term, "depth": pruning.depth,
+            "depth_unit": pruning.depth_unit, "layout": pruning.layout,
             "calibration_batches": pruning.one_shot_batches if pruning.schedule == "one_shot" else 0}

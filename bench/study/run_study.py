@@ -39,6 +39,7 @@ from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, ru
 from bench.study.pretrain import PretrainSettings, pretrain
 from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, PREVIOUS_MACHINE_ONLY, ROWS, ingredients
 from bench.study.scoring import count_params, evaluate, load_model
+from pipeline.evaluation import model_sizes
 from pipeline.stage import write_atomic
 
 TARGETS = (0.7, 0.5, 0.3)
@@ -181,12 +182,11 @@ def run_one(args: argparse.Namespace, method: str, target: float, seed: int, por
     pipeline_seconds = time.perf_counter() - started
     validation = datasets.load_from_disk(str(args.out / "data" / "prep" / "dataset" / "validation"))
     finetune = json.loads((cfg.run_dir / "finetune" / "manifest.json").read_text())["summary"]
-    config = model.config
+    sizes = model_sizes(model.config)  # lists per layer for a per-layer export
     record = {"method": method, "target": target, "seed": seed, "params": count_params(model),
               "perplexity": evaluate(model, validation.with_format("torch")),
-              "kept": {"hidden": config.hidden_size, "heads": config.num_attention_heads,
-                       "kv_heads": config.num_key_value_heads, "neurons": config.intermediate_size,
-                       "layers": config.num_hidden_layers},
+              "kept": {"hidden": sizes["hidden"], "heads": sizes["heads"], "kv_heads": sizes["kv_heads"],
+                       "neurons": sizes["intermediate"], "layers": sizes["layers"]},
               "final_structure_steps": final_structure_steps(cfg.run_dir / "finetune" / "metrics.jsonl"),
               "ingredients": ingredients(cfg), "pipeline_seconds": pipeline_seconds,
               "finetune_wall_seconds": finetune["train_wall_seconds"],

@@ -124,6 +124,8 @@ def ingredients_table(results: dict) -> str:
             i = run["ingredients"]
             # Records before the option existed were all before_mask, the default then as now.
             gradient, depth = i.get("salience_gradient", "before_mask"), i.get("depth", "off")
+            if i.get("depth_unit", "layer") == "sublayer":
+                depth = f"{depth}, sublayers"
             lines.append(f"| {ROWS[method].label} | {i['criterion']} | {gradient} | {i['schedule']} | {depth} | "
                          f"{yes(i['distill'])} | {yes(i['grow'])} | {i['shape_search']} | {i['steps']} | "
                          f"{i['tokens']:,} | {i['teacher_forwards']} | {i['calibration_batches']} |")

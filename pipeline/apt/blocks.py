@@ -81,6 +81,16 @@ class KeptSizes:
         return [layer for layer, (heads, neurons) in enumerate(zip(self.heads, self.neurons, strict=True))
                 if heads == 0 and neurons == 0]
 
+    @property
+    def attention_layers(self) -> int:
+        """Layers that keep their attention (a layer may lose it alone under `pruning.depth_unit=sublayer`)."""
+        return sum(heads > 0 for heads in self.heads)
+
+    @property
+    def mlp_layers(self) -> int:
+        """Layers that keep their MLP."""
+        return sum(neurons > 0 for neurons in self.neurons)
+
     @classmethod
     def full(cls, shape: ModelShape) -> KeptSizes:
         """The unpruned sizes."""
@@ -93,16 +103,19 @@ class KeptSizes:
         )
 
 
-def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons, layers: int | None = None):
-    """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over `layers` kept layers
-    (default all; a layer masked whole leaves with its two norms, `masks.empty_layers`).
+def count_params(shape: ModelShape, *, hidden, heads, kv_heads, neurons, attention_layers: int | None = None,
+                 mlp_layers: int | None = None):
+    """Exact parameter count for kept `hidden` and kept heads / KV heads / neurons summed over the layers, of which
+    `attention_layers` keep their attention and `mlp_layers` their MLP (default all; a sublayer that leaves takes
+    its norm with it, a layer masked whole both, `masks.empty_layers`).
 
     The count is linear in the per-layer sizes, so layer totals suffice; works on ints and on tensors alike.
     """
-    layers = shape.num_layers if layers is None else layers
+    attention_layers = shape.num_layers if attention_layers is None else attention_layers
+    mlp_layers = shape.num_layers if mlp_layers is None else mlp_layers
     embeddings = shape.vocab_size * (1 if shape.tie_word_embeddings else 2)
-    norms = 2 * layers + 1
-    o_biases = layers if shape.o_proj_bias else 0
+    norms = attention_layers + mlp_layers + 1
+    o_biases = attention_layers if shape.o_proj_bias else 0
     # q rows + o columns per query head, k + v rows per KV head, gate + up rows + down column per neuron.
     per_hidden_channel = embeddings + norms + o_biases + 2 * shape.head_dim * (heads + kv_heads) + 3 * neurons
     qkv_biases = shape.head_dim * (heads + 2 * kv_heads) if shape.qkv_bias else 0
@@ -114,9 +127,8 @@ def remaining_params(shape: ModelShape, kept: KeptSizes) -> int:
     for name in ("heads", "kv_heads", "neurons"):
         if len(getattr(kept, name)) != shape.num_layers:
             raise ValueError(f"kept.{name} has {len(getattr(kept, name))} entries, expected {shape.num_layers}")
-    layers = shape.num_layers - len(kept.cut_layers)
     return count_params(shape, hidden=kept.hidden, heads=sum(kept.heads), kv_heads=sum(kept.kv_heads),
-                        neurons=sum(kept.neurons), layers=layers)
+                        neurons=sum(kept.neurons), attention_layers=kept.attention_layers, mlp_layers=kept.mlp_layers)
 
 
 def total_params(shape: ModelShape) -> int:

@@ -1,10 +1,13 @@
-"""Whole decoder layers as prunable units: ShortGPT's block influence from mergeable sums (docs/design.md §6).
+"""Whole decoder layers, or a layer's attention or MLP alone, as prunable units: ShortGPT's block influence from
+mergeable sums (docs/design.md §6).
 
 Block influence of layer l is `BI_l = 1 − mean_t cos(x_l,t, y_l,t)`, x the layer's input hidden state and y its
-output, over every token seen: a layer whose output is nearly its input changes the residual stream least. Each
-rank keeps, per layer, Σ cos and the token count, so one SUM all-reduce gives what one process computes on all the
-batches. Nothing is stored per token. The helpers below let the shape search (`pipeline.shape_choice`) cut whole
-layers under `pruning.depth`: how many at a choice, which ones, and the width search on the layers left.
+output, over every token seen: a layer whose output is nearly its input changes the residual stream least. With
+`pruning.depth_unit=sublayer` the units are the sublayers, unit 2l layer l's attention (x → x + attn) and 2l + 1
+its MLP (h → h + mlp, h = x + attn). Each rank keeps, per unit, Σ cos and the token count, so one SUM all-reduce
+gives what one process computes on all the batches. Nothing is stored per token. The helpers below let the shape
+search (`pipeline.shape_choice`) cut units under `pruning.depth`: how many at a choice, which ones, and the width
+search on what is left.
 """
 
 from __future__ import annotations
@@ -17,28 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.apt.blocks import KeptSizes, ModelShape
-from pipeline.apt.masks import MaskSet
+from pipeline.apt.blocks import KeptSizes, ModelShape, count_params
+from pipeline.apt.masks import MaskSet, empty_layers
 
 
 class BlockInfluence:
-    """Per-layer Σ cos(input, output) and token counts, from forward hooks on every decoder layer."""
+    """Per-unit Σ cos(input, output) and token counts, from forward hooks on every decoder layer (and, for
+    sublayers, on its attention)."""
 
-    def __init__(self, num_layers: int, device: torch.device | str | None = None):
-        self.sums = torch.zeros(2, num_layers, dtype=torch.float64, device=device)
+    def __init__(self, num_layers: int, device: torch.device | str | None = None, sublayers: bool = False):
+        self.sublayers = sublayers
+        self.sums = torch.zeros(2, num_layers * (2 if sublayers else 1), dtype=torch.float64, device=device)
         """Row 0: Σ cos over tokens; row 1: tokens."""
         self._handles = []
+        self._residual: torch.Tensor | None = None
+        """Sublayers: the residual stream before the sublayer running now."""
 
     def attach(self, model: nn.Module) -> None:
         """Hook every decoder layer of a HF causal LM (`model.model.layers`)."""
         if self._handles:
             raise RuntimeError("block influence is already attached")
         layers = model.model.layers
-        if len(layers) != self.sums.shape[1]:
-            raise ValueError(f"the model has {len(layers)} layers; the sums are for {self.sums.shape[1]}")
+        if len(layers) * (2 if self.sublayers else 1) != self.sums.shape[1]:
+            raise ValueError(f"the model has {len(layers)} layers; the sums are for {self.sums.shape[1]} units")
         for index, layer in enumerate(layers):
-            hook = partial(self._on_layer, index)
-            self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+            if self.sublayers:
+                self._handles += [
+                    layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True),
+                    layer.self_attn.register_forward_hook(partial(self._on_attention, index)),
+                ]
+            self._handles.append(layer.register_forward_hook(partial(self._on_layer, index), with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -47,9 +58,22 @@ class BlockInfluence:
 
     @torch.no_grad()
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        inputs = args[0] if args else kwargs["hidden_states"]
         outputs = output[0] if isinstance(output, tuple) else output
-        self.add(index, inputs, outputs)
+        if self.sublayers:  # the MLP's input is the residual stream after the attention
+            self.add(2 * index + 1, self._residual, outputs)
+            self._residual = None
+        else:
+            self.add(index, args[0] if args else kwargs["hidden_states"], outputs)
+
+    def _on_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._residual = args[0] if args else kwargs["hidden_states"]
+
+    @torch.no_grad()
+    def _on_attention(self, index: int, module: nn.Module, args: tuple, output) -> None:
+        attended = output[0] if isinstance(output, tuple) else output
+        after = self._residual + attended  # what the decoder layer adds to its residual stream
+        self.add(2 * index, self._residual, after)
+        self._residual = after
 
     @torch.no_grad()
     def add(self, layer: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
@@ -59,7 +83,7 @@ class BlockInfluence:
         self.sums[1, layer] += cos.numel()
 
     def scores(self) -> torch.Tensor:
-        """BI per layer [L], float64: 1 − the mean cosine (higher: the layer matters more)."""
+        """BI per unit [L] or [2L], float64: 1 − the mean cosine (higher: the unit matters more)."""
         return 1 - self.sums[0] / self.sums[1].clamp_min(1)
 
     def pack(self) -> torch.Tensor:
@@ -77,9 +101,51 @@ class BlockInfluence:
 # ---- layer cuts in the shape search ------------------------------------------------------------------------
 
 
+def gone_units(alive: MaskSet, sublayers: bool) -> list[int]:
+    """The units `alive` keeps nothing of: the empty layers, or (sublayers) every attention with no KV head and
+    every MLP with no neuron."""
+    if not sublayers:
+        return empty_layers(alive)
+    attention = (alive.kv_mask.amax(dim=1) <= 0).tolist()
+    mlp = (alive.neuron_mask.amax(dim=1) <= 0).tolist()
+    return [2 * layer + kind for layer, gone in enumerate(zip(attention, mlp, strict=True))
+            for kind in (0, 1) if gone[kind]]
+
+
+def split_units(units: Sequence[int], sublayers: bool) -> tuple[list[int], list[int], list[int]]:
+    """Cut units as layers: (cut whole, attention cut alone, MLP cut alone), each sorted."""
+    if not sublayers:
+        return sorted(units), [], []
+    attention, mlp = {unit // 2 for unit in units if unit % 2 == 0}, {unit // 2 for unit in units if unit % 2}
+    return sorted(attention & mlp), sorted(attention - mlp), sorted(mlp - attention)
+
+
+def params_without(shape: ModelShape, units: Sequence[int], sublayers: bool) -> int:
+    """Parameters of the model at full width with `units` cut (none when that leaves no attention or no MLP)."""
+    whole, attention, mlp = split_units(units, sublayers)
+    layers = shape.num_layers - len(whole)
+    attention_layers, mlp_layers = layers - len(attention), layers - len(mlp)
+    if attention_layers < 1 or mlp_layers < 1:
+        return 0
+    return count_params(shape, hidden=shape.hidden_size, heads=attention_layers * shape.num_heads,
+                        kv_heads=attention_layers * shape.num_kv_heads, neurons=mlp_layers * shape.intermediate_size,
+                        attention_layers=attention_layers, mlp_layers=mlp_layers)
+
+
+def without_sublayers(alive: MaskSet, attention: Sequence[int], mlp: Sequence[int]) -> MaskSet:
+    """`alive` with the `attention` layers' heads and KV heads and the `mlp` layers' neurons cut."""
+    masks = MaskSet(**{name: mask.clone() for name, mask in alive.to_dict().items()})
+    for layer in attention:
+        masks.head_mask[layer] = 0
+        masks.kv_mask[layer] = 0
+    for layer in mlp:
+        masks.neuron_mask[layer] = 0
+    return masks
+
+
 def cut_counts(depth: str | int, num_layers: int, forced: int, progress: float,
                fits: Callable[[int], bool], removed: int = 0) -> list[int]:
-    """How many of the `num_layers` layers the candidates of one shape choice cut, by `pruning.depth`.
+    """How many of the `num_layers` layers (or units) the candidates of one shape choice cut, by `pruning.depth`.
 
     off: none (or the `forced` layers already gone); a number N: the schedule's share round(C · progress) of the
     whole cut C = L − N of the original L layers, less the `removed` ones a compaction has already taken out;
@@ -99,7 +165,8 @@ def cut_counts(depth: str | int, num_layers: int, forced: int, progress: float,
 
 
 def cut_layers(order: Sequence[int], forced: Sequence[int], count: int) -> tuple[int, ...]:
-    """The `count` layers a candidate cuts: the `forced` ones (already gone), then the lowest in `order`."""
+    """The `count` layers (or units) a candidate cuts: the `forced` ones (already gone), then the lowest in
+    `order`."""
     removed = list(forced)
     removed += [layer for layer in order if layer not in removed][:max(0, count - len(removed))]
     return tuple(sorted(removed))

@@ -46,10 +46,9 @@ class MaskSet:
         return cls(**{field.name: tensors[field.name].float() for field in fields(cls)})
 
     def check_gqa(self, shape: ModelShape, mode: str) -> None:
-        """Raise ValueError unless these (binary) masks give a model that plain transformers can load.
-
-        An entry counts as kept when it is > 0.
-        """
+        """Raise ValueError unless these (binary; kept: > 0) masks give a model transformers can load. A layer may
+        lose its attention (every query and KV head) or its MLP alone (the per-layer export's classes build it) or
+        both (the export leaves it out); not every layer its attention, nor every layer its MLP."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode {mode!r} is not one of {ATTENTION_MODES}")
         self._check_shapes(shape)
@@ -59,24 +58,14 @@ class MaskSet:
         removed = empty_layers(self)
         if len(removed) == layers:
             raise ValueError("every layer is removed")
-        for layer in range(layers):
-            if layer in removed:  # a whole layer masked: the export leaves it out (pruning.depth)
-                continue
-            orphans = ((heads_in_group[layer] > 0) & ~kv_kept[layer]).nonzero().flatten().tolist()
-            if orphans:
-                raise ValueError(f"layer {layer}: query heads survive in KV groups {orphans} whose KV head is pruned")
-            if int(heads_in_group[layer].sum()) == 0:
-                raise ValueError(f"layer {layer} keeps no attention head")
-            if int((self.neuron_mask[layer] > 0).sum()) == 0:
-                raise ValueError(f"layer {layer} keeps no MLP neuron")
-            counts = heads_in_group[layer][kv_kept[layer]].unique().tolist()
-            if mode == "kv_group" and counts != [group]:
-                raise ValueError(f"layer {layer}: kv_group mode keeps whole groups of {group}, got counts {counts}")
-            if mode == "query_in_group" and (not bool(kv_kept[layer].all()) or len(counts) != 1):
-                raise ValueError(
-                    f"layer {layer}: query_in_group mode keeps every KV head and the same number of query heads "
-                    f"in each group, got per-group counts {heads_in_group[layer].tolist()}"
-                )
+        kept = [layer for layer in range(layers) if layer not in removed]
+        with_attention = [layer for layer in kept if bool(kv_kept[layer].any() or heads_in_group[layer].any())]
+        if not with_attention:
+            raise ValueError("every layer's attention is cut: keep a query head and its KV head in one layer")
+        if not any(bool((self.neuron_mask[layer] > 0).any()) for layer in kept):
+            raise ValueError("every layer's MLP is cut: keep a neuron in one layer")
+        for layer in with_attention:  # the others keep no head at all: their attention leaves the export
+            _check_attention(layer, heads_in_group[layer], kv_kept[layer], group, mode)
         if int((self.hidden_mask > 0).sum()) == 0:
             raise ValueError("no hidden channel is kept")
 
@@ -91,6 +80,24 @@ class MaskSet:
         for name, size in expected.items():
             if tuple(getattr(self, name).shape) != size:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {size}")
+
+
+def _check_attention(layer: int, heads_in_group: torch.Tensor, kv_kept: torch.Tensor, group: int, mode: str) -> None:
+    """One layer's kept attention is loadable: query heads only under kept KV heads, grouped as `mode` says."""
+    orphans = ((heads_in_group > 0) & ~kv_kept).nonzero().flatten().tolist()
+    if orphans:
+        raise ValueError(f"layer {layer}: query heads survive in KV groups {orphans} whose KV head is pruned")
+    if int(heads_in_group.sum()) == 0:
+        raise ValueError(f"layer {layer} keeps no query head but KV heads {kv_kept.nonzero().flatten().tolist()}: "
+                         f"cut its attention whole (every KV head too) or keep a query head")
+    counts = heads_in_group[kv_kept].unique().tolist()
+    if mode == "kv_group" and counts != [group]:
+        raise ValueError(f"layer {layer}: kv_group mode keeps whole groups of {group}, got counts {counts}")
+    if mode == "query_in_group" and (not bool(kv_kept.all()) or len(counts) != 1):
+        raise ValueError(
+            f"layer {layer}: query_in_group mode keeps every KV head and the same number of query heads "
+            f"in each group, got per-group counts {heads_in_group.tolist()}"
+        )
 
 
 def empty_layers(masks: MaskSet) -> list[int]:

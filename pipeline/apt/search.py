@@ -278,7 +278,8 @@ def _masks(
         per_group = densities.query_heads.flatten(0, 1)
         head_mask = _top_k_mask(per_group, attention_counts.repeat_interleave(shape.num_kv_heads))
         head_mask = head_mask.reshape(layers, shape.num_heads)
-        kv_mask = torch.ones(layers, shape.num_kv_heads)
+        # Every KV head stays, except in a layer whose attention is cut whole (no query heads at all).
+        kv_mask = (attention_counts > 0).float()[:, None].expand(layers, shape.num_kv_heads).clone()
     return MaskSet(
         head_mask=head_mask,
         kv_mask=kv_mask,

@@ -38,7 +38,7 @@ PRUNED = -1e30
 @dataclass(frozen=True)
 class _Steps:
     """One block type's ranked steps, mandatory first: step k adds `size[k]` units to layer `layer[k]`
-    (to every layer in the uniform layout, where `layer` is -1)."""
+    (to every layer in the uniform layout, where `layer` is -1). A layer with no steps keeps none of the type."""
 
     layer: torch.Tensor
     size: torch.Tensor
@@ -73,6 +73,10 @@ class _Problem:
     layout: str
     round_to: int
     min_hidden: int
+    attention_layers: int
+    """Layers that keep their attention (all but those whose attention is cut, `sublayers`)."""
+    mlp_layers: int
+    """Layers that keep their MLP."""
 
 
 def candidate_shapes(
@@ -87,6 +91,7 @@ def candidate_shapes(
     count: int = len(SPLITS),
     alive: MaskSet | None = None,
     target: KeptSizes | None = None,
+    sublayers: bool = False,
 ) -> list[KeptSizes]:
     """Up to `count` distinct shapes that split the removed parameters differently between hidden, attention and
     MLP (`SPLITS`, in order), each within ⌊ρ·total⌋ and as close to it as the granularity allows.
@@ -94,14 +99,16 @@ def candidate_shapes(
     `scores` ("head", "neuron", "hidden" as for `search_masks`) rank each type's units across layers in the
     `per_layer` layout (required there; unused in `uniform`). `alive` (binary masks) caps every type at the blocks
     it keeps. With `target` (a uniform `KeptSizes`, e.g. `pruning.target_shape`), the one candidate follows the
-    path from the full model to it: `target` itself once the budget is at or below its size.
+    path from the full model to it: `target` itself once the budget is at or below its size. With `sublayers`
+    (per_layer), a layer whose attention or MLP `alive` keeps none of has that sublayer cut: it keeps none.
     """
     _check_arguments(shape, remaining_fraction, attention_mode, layout, round_to, min_hidden)
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if layout == "per_layer" and scores is None:
         raise ValueError("the per_layer layout ranks units across layers by salience: pass scores")
-    problem = _problem(shape, remaining_fraction, scores, attention_mode, layout, round_to, min_hidden, alive)
+    problem = _problem(shape, remaining_fraction, scores, attention_mode, layout, round_to, min_hidden, alive,
+                       sublayers)
     if target is not None:
         return [_toward_target(problem, target)]
     shapes: list[KeptSizes] = []
@@ -126,16 +133,20 @@ def masks_for_shape(
     attention_mode: str = "kv_group",
     layout: str = "uniform",
     alive: MaskSet | None = None,
+    sublayers: bool = False,
 ) -> MaskSet:
     """Binary masks of exactly `kept`: in every layer the top-scored attention units and neurons, and the
-    top-scored hidden channels; blocks `alive` does not keep rank last (they stay pruned while `kept` allows)."""
+    top-scored hidden channels; blocks `alive` does not keep rank last (they stay pruned while `kept` allows).
+    With `sublayers` a layer may keep no attention or no neurons (that sublayer cut)."""
     _check_arguments(shape, 1.0, attention_mode, layout, 1, 1)
     ranked = _ranked_scores(shape, scores, alive)
     densities = _densities(shape, ranked, attention_mode)
     units = _attention_units(shape, kept, attention_mode)
     if layout == "uniform" and len(set(units)) + len(set(kept.neurons)) != 2:
         raise ValueError(f"the uniform layout keeps the same sizes in every layer, got {kept}")
-    if not 1 <= kept.hidden <= shape.hidden_size or not all(1 <= n <= shape.intermediate_size for n in kept.neurons):
+    least = 0 if sublayers else 1
+    if not 1 <= kept.hidden <= shape.hidden_size or not all(least <= n <= shape.intermediate_size
+                                                             for n in kept.neurons):
         raise ValueError(f"{kept} does not fit the model {shape}")
     masks = _masks(shape, attention_mode, densities, torch.tensor(units), torch.tensor(kept.neurons), kept.hidden)
     if masks.head_mask.sum(1).tolist() != list(kept.heads) or masks.kv_mask.sum(1).tolist() != list(kept.kv_heads):
@@ -176,8 +187,10 @@ def target_shape_problems(shape: ModelShape, target: tuple[int, ...], attention_
 # ---- the axes --------------------------------------------------------------------------------------------
 
 
-def _problem(shape, fraction, scores, attention_mode, layout, round_to, min_hidden, alive) -> _Problem:
+def _problem(shape, fraction, scores, attention_mode, layout, round_to, min_hidden, alive, sublayers) -> _Problem:
     uniform = layout == "uniform"
+    if sublayers and uniform:
+        raise ValueError("cutting a layer's attention or MLP alone needs the per_layer layout")
     if scores is None:  # uniform: sizes do not depend on the scores
         scores = {"head": torch.zeros(shape.num_layers, shape.num_heads),
                   "neuron": torch.zeros(shape.num_layers, shape.intermediate_size),
@@ -188,14 +201,16 @@ def _problem(shape, fraction, scores, attention_mode, layout, round_to, min_hidd
     alive_neurons = (alive.neuron_mask > 0).sum(1)
     return _Problem(
         shape=shape,
-        attention=_steps(densities.attention, alive_units, 1, uniform),
-        neurons=_steps(densities.neurons, alive_neurons, round_to, uniform),
+        attention=_steps(densities.attention, alive_units, 1, uniform, may_be_empty=sublayers),
+        neurons=_steps(densities.neurons, alive_neurons, round_to, uniform, may_be_empty=sublayers),
         hidden_cap=int((alive.hidden_mask > 0).sum()),
         budget=math.floor(fraction * total_params(shape)),
         attention_mode=attention_mode,
         layout=layout,
         round_to=round_to,
         min_hidden=min_hidden,
+        attention_layers=int((alive_units > 0).sum()),
+        mlp_layers=int((alive_neurons > 0).sum()),
     )
 
 
@@ -219,11 +234,12 @@ def _alive_attention_units(shape: ModelShape, alive: MaskSet, attention_mode: st
     return per_group.min(1).values
 
 
-def _steps(rows: torch.Tensor, alive: torch.Tensor, block: int, uniform: bool) -> _Steps:
+def _steps(rows: torch.Tensor, alive: torch.Tensor, block: int, uniform: bool, may_be_empty: bool = False) -> _Steps:
     """Ranked steps of `block` units (the last of a row may be smaller) over the alive entries of each row.
 
     Within a row, units are taken densest first; across rows (per_layer), blocks are ranked by their mean
     density, with a running minimum so a row's blocks stay in order, and the first block of every row leads.
+    A row with nothing alive is refused, unless `may_be_empty` (per_layer: that sublayer is cut, no steps).
     """
     num_rows = rows.shape[0]
     if uniform:
@@ -233,6 +249,8 @@ def _steps(rows: torch.Tensor, alive: torch.Tensor, block: int, uniform: bool) -
     layers, sizes, density = [], [], []
     for row in range(num_rows):
         cap = int(alive[row])
+        if cap == 0 and may_be_empty:
+            continue
         ranked = rows[row].sort(descending=True, stable=True).values[:cap]
         row_sizes = _block_sizes(cap, block)
         means = _block_means(ranked, block).cummin(0).values
@@ -240,7 +258,7 @@ def _steps(rows: torch.Tensor, alive: torch.Tensor, block: int, uniform: bool) -
         sizes.append(torch.tensor(row_sizes))
         density.append(means.masked_fill(torch.arange(len(row_sizes)) == 0, math.inf))  # mandatory first
     order = torch.cat(density).argsort(descending=True, stable=True)
-    return _Steps(torch.cat(layers)[order], torch.cat(sizes)[order], num_rows, False, num_rows)
+    return _Steps(torch.cat(layers)[order], torch.cat(sizes)[order], len(layers), False, num_rows)
 
 
 def _block_means(ranked: torch.Tensor, block: int) -> torch.Tensor:
@@ -268,7 +286,7 @@ def _attention_units(shape: ModelShape, kept: KeptSizes, attention_mode: str) ->
 def _kept(problem: _Problem, attention_steps: int, neuron_steps: int, hidden: int) -> KeptSizes:
     shape, units = problem.shape, problem.attention.per_layer(attention_steps)
     heads_per_unit, _ = _attention_unit(shape, problem.attention_mode)
-    kv = units if problem.attention_mode == "kv_group" else (shape.num_kv_heads,) * shape.num_layers
+    kv = units if problem.attention_mode == "kv_group" else tuple(shape.num_kv_heads if u else 0 for u in units)
     return KeptSizes(hidden=hidden, heads=tuple(heads_per_unit * u for u in units), kv_heads=kv,
                      neurons=problem.neurons.per_layer(neuron_steps))
 
@@ -312,9 +330,9 @@ def _continuous_fractions(problem: _Problem, split, floor) -> tuple[float, float
     def size(t: float) -> float:
         x_hidden, x_attention, x_neurons = fractions(t)
         units = x_attention * caps[1]
-        kv = units if problem.attention_mode == "kv_group" else shape.num_layers * shape.num_kv_heads
+        kv = units if problem.attention_mode == "kv_group" else problem.attention_layers * shape.num_kv_heads
         return count_params(shape, hidden=x_hidden * caps[0], heads=heads_per_unit * units, kv_heads=kv,
-                            neurons=x_neurons * caps[2])
+                            neurons=x_neurons * caps[2], **_sublayers(problem))
 
     if size(0.0) > problem.budget:
         return None
@@ -363,7 +381,7 @@ def _fill(problem: _Problem, attention_steps: int, hidden_wanted: float, floor) 
     if hidden.numel() == 0:
         return None
     kept = _kept(problem, attention_steps, 0, 0)
-    sizes = dict(heads=sum(kept.heads), kv_heads=sum(kept.kv_heads), neurons=0)
+    sizes = dict(heads=sum(kept.heads), kv_heads=sum(kept.kv_heads), neurons=0, **_sublayers(problem))
     bias = count_params(shape, hidden=0, **sizes)
     per_channel = count_params(shape, hidden=1, **sizes) - bias
     room = problem.budget - bias - hidden * per_channel  # what 3·h·neurons may spend
@@ -378,6 +396,11 @@ def _fill(problem: _Problem, attention_steps: int, hidden_wanted: float, floor) 
     distance = (hidden.double() - hidden_wanted).abs().masked_fill(~tight, math.inf)
     best = len(hidden) - 1 - int(distance.flip(0).argmin())  # ties: the larger hidden size
     return int(hidden[best]), int(steps[best])
+
+
+def _sublayers(problem: _Problem) -> dict[str, int]:
+    """The sublayer counts `count_params` takes: every layer's attention and MLP, less those cut."""
+    return {"attention_layers": problem.attention_layers, "mlp_layers": problem.mlp_layers}
 
 
 def _steps_for(axis: _Steps, per_layer: tuple[int, ...]) -> int:

@@ -34,8 +34,18 @@ class LayerKeep:
     kv_heads: torch.Tensor
     neurons: torch.Tensor
 
+    @property
+    def has_attention(self) -> bool:
+        """False for a layer whose attention is cut whole (no query and no KV head): it leaves the export."""
+        return self.heads.numel() > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        """False for a layer whose MLP is cut whole (no neuron)."""
+        return self.neurons.numel() > 0
+
     def sizes(self) -> dict[str, int]:
-        """The layer's config attributes after slicing."""
+        """The layer's config attributes after slicing (0 heads / 0 neurons: that sublayer is cut)."""
         return {
             "num_attention_heads": self.heads.numel(),
             "num_key_value_heads": self.kv_heads.numel(),
@@ -59,6 +69,9 @@ class Selected:
         return tensor
 
 
+BIASES = {"attention": "self_attn.o_proj", "MLP": "mlp.down_proj"}
+"""A sublayer -> the projection whose bias, if any, it adds to the residual stream whatever its input."""
+
 Replaced = dict[nn.Parameter, tuple[nn.Parameter, Selected]]
 """Old trainable parameter -> (the parameter that replaced it, which of its elements it holds)."""
 
@@ -70,19 +83,31 @@ def kept_indices(mask: torch.Tensor, name: str) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def plan_layer(layer_index: int, head_row: torch.Tensor, kv_row: torch.Tensor, neuron_row: torch.Tensor) -> LayerKeep:
-    """Kept indices of one layer, checking GQA consistency: no query head without its KV head, the same
-    number of query heads under every kept KV head, at least one of each."""
+def plan_layer(layer_index: int, head_row: torch.Tensor, kv_row: torch.Tensor, neuron_row: torch.Tensor, *,
+               sublayers_may_go: bool = False) -> LayerKeep:
+    """Kept indices of one layer, checked by `check_layer`: GQA-consistent, and with at least one query head and
+    one neuron unless `sublayers_may_go` (the per-layer export, which may cut a layer's attention or MLP whole)."""
     heads = kept_indices(head_row, f"head_mask[{layer_index}]")
     kv_heads = kept_indices(kv_row, f"kv_mask[{layer_index}]")
     neurons = kept_indices(neuron_row, f"neuron_mask[{layer_index}]")
-    return check_layer(layer_index, LayerKeep(heads, kv_heads, neurons), head_row.numel() // kv_row.numel())
+    return check_layer(layer_index, LayerKeep(heads, kv_heads, neurons), head_row.numel() // kv_row.numel(),
+                       sublayers_may_go=sublayers_may_go)
 
 
-def check_layer(layer_index: int, keep: LayerKeep, group_size: int) -> LayerKeep:
-    """`keep` itself, if it is a loadable layer: heads only under kept KV heads, as many under each, one at least."""
-    if keep.heads.numel() == 0 or keep.neurons.numel() == 0:
+def check_layer(layer_index: int, keep: LayerKeep, group_size: int, *, sublayers_may_go: bool = False) -> LayerKeep:
+    """`keep` itself, if it is a loadable layer: heads only under kept KV heads, as many under each, one at least.
+
+    `sublayers_may_go` also takes a layer without attention (no query and no KV head) or without MLP, not both."""
+    if not sublayers_may_go and (keep.heads.numel() == 0 or keep.neurons.numel() == 0):
+        # Slicing and compaction keep every layer a family's own (rectangular) decoder layer.
         raise ValueError(f"layer {layer_index} would keep no query head or no neuron")
+    if not keep.has_attention and not keep.has_mlp:
+        raise ValueError(f"layer {layer_index} would keep no query head and no neuron: it is empty, not sliced")
+    if not keep.has_attention:
+        if keep.kv_heads.numel():
+            raise ValueError(f"layer {layer_index} keeps KV heads {keep.kv_heads.tolist()} but no query head: cut "
+                             f"its attention whole (every KV head too) or keep a query head")
+        return keep
     kv_of_head = keep.heads // group_size
     if not torch.isin(kv_of_head, keep.kv_heads).all():
         raise ValueError(f"layer {layer_index} keeps a query head whose KV head is pruned")
@@ -150,8 +175,12 @@ def _check_removable(model: nn.Module, removed: list[int]) -> None:
             raise biased_layer_error(index)
 
 
-def biased_layer_error(index: int) -> ValueError:
-    """The refusal for a layer masked whole whose sublayer bias would still change the output without it."""
+def biased_layer_error(index: int, sublayer: str | None = None) -> ValueError:
+    """The refusal for a layer masked whole (or one `sublayer` of it: "attention", "MLP") whose o_proj or down_proj
+    bias would still change the output without it."""
+    if sublayer is not None:
+        return ValueError(f"layer {index}'s {sublayer} is masked whole but its {BIASES[sublayer]} bias still adds to "
+                          f"the residual stream: the {sublayer} cannot be cut")
     return ValueError(f"layer {index} keeps no head and no neuron but its o_proj or down_proj bias still adds to the "
                       f"residual stream: it cannot be removed")
 
@@ -246,20 +275,28 @@ def select_masks(masks: MaskSet, plans: list[LayerKeep], hidden: torch.Tensor) -
 
 
 def layer_slices(plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> dict[str, tuple]:
-    """(rows, columns) every weight of one decoder layer keeps, by module path inside the layer (None: all)."""
-    query_channels = head_channels(plan.heads, head_dim)
-    kv_channels = head_channels(plan.kv_heads, head_dim)
-    return {
-        "self_attn.q_proj": (query_channels, hidden),
-        "self_attn.k_proj": (kv_channels, hidden),
-        "self_attn.v_proj": (kv_channels, hidden),
-        "self_attn.o_proj": (hidden, query_channels),
-        "mlp.gate_proj": (plan.neurons, hidden),
-        "mlp.up_proj": (plan.neurons, hidden),
-        "mlp.down_proj": (hidden, plan.neurons),
-        "input_layernorm": (hidden, None),
-        "post_attention_layernorm": (hidden, None),
-    }
+    """(rows, columns) every weight of one decoder layer keeps, by module path inside the layer (None: all).
+
+    A cut attention leaves with its input norm, a cut MLP with its post-attention norm: neither has a path here."""
+    slices = {}
+    if plan.has_attention:
+        query_channels = head_channels(plan.heads, head_dim)
+        kv_channels = head_channels(plan.kv_heads, head_dim)
+        slices |= {
+            "self_attn.q_proj": (query_channels, hidden),
+            "self_attn.k_proj": (kv_channels, hidden),
+            "self_attn.v_proj": (kv_channels, hidden),
+            "self_attn.o_proj": (hidden, query_channels),
+            "input_layernorm": (hidden, None),
+        }
+    if plan.has_mlp:
+        slices |= {
+            "mlp.gate_proj": (plan.neurons, hidden),
+            "mlp.up_proj": (plan.neurons, hidden),
+            "mlp.down_proj": (hidden, plan.neurons),
+            "post_attention_layernorm": (hidden, None),
+        }
+    return slices
 
 
 def _slice_layer(layer: nn.Module, plan: LayerKeep, hidden: torch.Tensor, head_dim: int) -> Replaced:

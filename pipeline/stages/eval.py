@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import dist, tracking
 from pipeline.config import EvalConfig
-from pipeline.evaluation import interleaved_speedup, perplexity
+from pipeline.evaluation import interleaved_speedup, model_sizes, perplexity
 from pipeline.layout import RunLayout
 from pipeline.lm_eval_tasks import lm_eval_scores
 from pipeline.stage import write_atomic
@@ -38,7 +38,7 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
     metrics = {}
     for name, model in models.items():
-        metrics[name] = {"params": sum(p.numel() for p in model.parameters()), "shape": model_shape(model.config),
+        metrics[name] = {"params": sum(p.numel() for p in model.parameters()), "shape": model_sizes(model.config),
                          "val_perplexity": perplexity(model, validation, section.batch_size, section.batches)}
         if section.lm_eval_tasks:
             metrics[name]["lm_eval"] = lm_eval_scores(model, tokenizer, section.lm_eval_tasks, layout.heldout_text,
@@ -76,15 +76,6 @@ def eval_placement() -> tuple[torch.device, torch.dtype | str]:
     if dist.on_cpu():
         return torch.device("cpu"), torch.float32
     return dist.device(), "auto"
-
-
-def model_shape(config) -> dict:
-    """The sizes a reader compares: hidden, layers, query / KV heads, MLP neurons (layer 0's for per_layer)."""
-    per_layer = bool(getattr(config, "is_heterogeneous", False))
-    # transformers refuses a global read of an attribute that differs per layer; layer 0's view answers it.
-    layer = config.per_layer_config[0] if per_layer else config
-    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": layer.num_attention_heads,
-            "kv_heads": layer.num_key_value_heads, "intermediate": layer.intermediate_size, "per_layer": per_layer}
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

@@ -102,7 +102,8 @@ def choose_final_shape(cfg: SalienceConfig, layout: RunLayout, engine, shape: Mo
         return choose_shape(engine, candidates, held_out, lambda masks: set_masks(engine.module, masks),
                             restore=trained)
 
-    order = influence_order(engine, held_out) if pruning.cuts_layers else None  # on the fine-tune's masks
+    sublayers = pruning.depth_unit == "sublayer"
+    order = influence_order(engine, held_out, sublayers) if pruning.cuts_layers else None  # on the trained masks
     # The search runs on the CPU, beside the fine-tune's masks; the scores come from the device.
     masks, shapes, choice = search_target(shape, scores.to("cpu"), budget, pruning, measure=measure, alive=trained,
                                           layer_order=order, original_layers=original.num_layers)

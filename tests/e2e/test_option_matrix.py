@@ -53,12 +53,15 @@ SCORING = {("taylor", "gradual"): ["pruning.salience_gradient=after_mask"],
 (gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term."""
 TARGET = [32, 2, 1, 64, 1]
 """A fixed final shape with a layer count: [hidden, heads, kv_heads, intermediate, layers]."""
+SUBLAYERS = ["pruning.depth=auto", "pruning.depth_unit=sublayer"]
 DEPTH = {("magnitude", "gradual"): ["pruning.depth=1"], ("apt", "one_shot"): ["pruning.depth=1"],
-         ("activation", "gradual"): ["pruning.depth=auto"], ("taylor", "one_shot"): ["pruning.depth=auto"],
-         ("random", "gradual"): [f"pruning.target_shape={json.dumps(TARGET)}"]}
+         ("activation", "gradual"): SUBLAYERS, ("taylor", "one_shot"): ["pruning.depth=auto"],
+         ("activation", "one_shot"): SUBLAYERS, ("random", "gradual"): [f"pruning.target_shape={json.dumps(TARGET)}"]}
 """Whole layers as units (the tiny model has two): one kept layer, reached along the schedule (ZeRO-3, per-layer,
-compaction) or at once (ZeRO-2, uniform, one-shot), auto weighing a cut against widths (both ZeRO stages), and a
-target shape of one layer reached without a compaction (the export leaves the masked layer out)."""
+compaction) or at once (ZeRO-2, uniform, one-shot), auto weighing a cut against widths (ZeRO-3, one-shot), and a
+target shape of one layer reached without a compaction (the export leaves the masked layer out). A layer's attention
+or MLP alone as units on the per-layer rows: gradual under ZeRO-2 (Mistral), one-shot under ZeRO-3 with compaction
+(Qwen2's q/k/v biases)."""
 FAST = ["train.steps=12", "pruning.end_step=6", "pruning.update_every=3", "pruning.mask_step=0.2",
         "train.checkpoint_every=12", "train.eval_batches=2", "salience.batches=2", "eval.batches=2",
         "eval.rounds=1", "eval.new_tokens=4", "data.seq_len=64", "data.num_proc=1"]
@@ -104,9 +107,13 @@ def test_combination_runs_the_chain(tmp_path, small_corpus, row, ranking):
     overrides = [f"{key}={json.dumps(value)}" for key, value in row.items()]
     overrides += [f"pruning.criterion={criterion}", f"pruning.schedule={schedule}", *SCORING.get(ranking, []),
                   *DEPTH.get(ranking, [])]
-    if row["deepspeed.config"] == Z3:
-        overrides.append(f"model.path={user_checkpoint(tmp_path / 'user_model', overrides)}")
+    sublayers = DEPTH.get(ranking) is SUBLAYERS
+    if row["deepspeed.config"] == Z3 or sublayers:
+        checkpoint = user_checkpoint(tmp_path / "user_model", overrides, dead_attention=sublayers)
+        overrides.append(f"model.path={checkpoint}")
     run_chain(tmp_path, small_corpus, overrides)
+    if sublayers:
+        assert_first_attention_cut(tmp_path / "tiny")
     if schedule == "one_shot":
         assert_pruned_before_step_one(tmp_path / "tiny", compacted=row["pruning.compact"])
     if "pruning.depth=1" in DEPTH.get(ranking, []):
@@ -146,8 +153,18 @@ def assert_one_layer_left(run_dir) -> None:
     assert config["num_hidden_layers"] == 1
 
 
-def user_checkpoint(directory, overrides: list[str]):
-    """The row's tiny model saved as a user's checkpoint would be (a `model.path` to load)."""
+def assert_first_attention_cut(run_dir) -> None:
+    """`pruning.depth_unit=sublayer` on a model whose layer 0 attention adds nothing: the loss chose to cut it (and
+    widths less), its MLP stays, and the export's layer 0 has no attention."""
+    report = json.loads((run_dir / "finalize" / "masks.json").read_text())
+    assert report["kept_heads"][0] == report["kept_kv_heads"][0] == 0 < report["kept_neurons"][0]
+    config = json.loads((run_dir / "merge" / "model" / "config.json").read_text())
+    assert config["per_layer_config"]["0"]["num_attention_heads"] == 0
+
+
+def user_checkpoint(directory, overrides: list[str], dead_attention: bool = False):
+    """The row's tiny model saved as a user's checkpoint would be (a `model.path` to load); with `dead_attention`
+    layer 0's o_proj is zero, so its attention adds nothing (the adapters leave o_proj alone)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline import config as config_lib
@@ -155,7 +172,10 @@ def user_checkpoint(directory, overrides: list[str]):
 
     model_cfg = config_lib.load("tests/tiny.yaml", overrides).model
     torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(build_config(model_cfg, 512)).save_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_config(build_config(model_cfg, 512))
+    if dead_attention:
+        torch.nn.init.zeros_(model.model.layers[0].self_attn.o_proj.weight)
+    model.save_pretrained(str(directory))
     return directory
 
 

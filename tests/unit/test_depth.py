@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import with_trained_adapters
 
 from pipeline import preflight
+from pipeline.apt.adapters import set_masks
 from pipeline.apt.blocks import KeptSizes, ModelShape, kept_sizes, remaining_params, total_params
 from pipeline.apt.depth import BlockInfluence, cut_counts
 from pipeline.apt.masks import MaskSet, empty_layers
@@ -114,12 +116,14 @@ def test_a_cut_layer_stays_cut_when_alive_says_so():
     assert [kept.cut_layers for kept in shapes[1:]][-1][:2] == [1, 2]
 
 
-def test_check_gqa_takes_a_whole_layer_cut_but_not_half_of_one():
+def test_check_gqa_takes_a_whole_layer_or_sublayer_cut_but_not_half_of_an_attention():
     masks = MaskSet.ones(SHAPE)
     masks.head_mask[1] = masks.kv_mask[1] = masks.neuron_mask[1] = 0
     masks.check_gqa(SHAPE, "kv_group")
-    masks.neuron_mask[1, 0] = 1
-    with pytest.raises(ValueError, match="layer 1 keeps no attention head"):
+    masks.neuron_mask[1, 0] = 1  # layer 1 keeps its MLP alone (pruning.depth_unit=sublayer)
+    masks.check_gqa(SHAPE, "kv_group")
+    masks.kv_mask[1, 0] = 1
+    with pytest.raises(ValueError, match="layer 1 keeps no query head but KV heads"):
         masks.check_gqa(SHAPE, "kv_group")
     every = MaskSet.ones(SHAPE)
     every.head_mask[:] = every.kv_mask[:] = every.neuron_mask[:] = 0
@@ -173,3 +177,98 @@ def test_a_target_layer_count_is_checked_at_start_up(tiny_config):
     assert preflight.target_shape_problems(too_many) == ["pruning.target_shape: layers 3 exceeds the model's 2"]
     with pytest.raises(ConfigError, match="four or five sizes"):
         tiny_config("pruning.target_shape=[32, 2, 1, 64, 1, 1]")
+
+
+# ---- a layer's attention or MLP alone (pruning.depth_unit=sublayer) -------------------------------------------
+
+SUBLAYER_ORDER = [2, 5, 7, 0, 3, 1, 4, 6]
+"""Units by influence, lowest first (2l: layer l's attention, 2l + 1: its MLP): layer 1's attention, layer 2's
+MLP, layer 3's MLP, layer 0's attention, ..."""
+
+
+def sublayers(**fields) -> PruningSection:
+    return pruning(depth="auto", depth_unit="sublayer", layout="per_layer", **fields)
+
+
+def test_sublayer_influence_reads_the_residual_stream_around_each_sublayer(tiny_model, input_ids):
+    model = with_trained_adapters(tiny_model("qwen2", num_layers=3), ["q_proj", "v_proj"])
+    masks = MaskSet.ones(ModelShape.from_config(model.config))
+    masks.head_mask[1] = masks.kv_mask[1] = 0  # layer 1's attention adds nothing: x -> x
+    masks.neuron_mask[2] = 0  # layer 2's MLP adds nothing
+    set_masks(model, masks)
+    layers, units = BlockInfluence(3), BlockInfluence(3, sublayers=True)
+    for influence in (layers, units):
+        influence.attach(model)
+    with torch.no_grad():
+        states = model(input_ids, output_hidden_states=True).hidden_states
+    units.detach()
+    layers.detach()
+    scores = units.scores()
+    assert scores[2] == pytest.approx(0, abs=1e-12) and scores[5] == pytest.approx(0, abs=1e-12)
+    # with no attention, layer 1's MLP carries its input to its output; with no MLP, layer 2's attention does
+    torch.testing.assert_close(scores[3], layers.scores()[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scores[4], layers.scores()[2], rtol=1e-12, atol=1e-12)
+    cos = F.cosine_similarity(states[1].double(), states[2].double(), dim=-1)
+    torch.testing.assert_close(scores[3], 1 - cos.mean(), rtol=1e-9, atol=1e-12)
+    assert units.sums[1].tolist() == [input_ids.numel()] * 6
+
+
+def test_sublayer_cuts_are_weighed_against_widths_within_the_budget():
+    budget = math.floor(0.5 * total_params(SHAPE))
+    for mode in ("kv_group", "query_in_group"):
+        masks, shapes, _ = search_target(SHAPE, scores(), 0.5, sublayers(attention_mode=mode), measure=last,
+                                         layer_order=SUBLAYER_ORDER)
+        cut = [unit for kept in shapes for unit in _cut_units(kept)]
+        assert [_cut_units(kept) for kept in shapes if _cut_units(kept)][:3] == [[2], [2, 5], [2, 5, 7]]
+        assert 2 in cut and all(unit in SUBLAYER_ORDER for unit in cut)
+        neuron_step = 3 * 8 * SHAPE.hidden_size * SHAPE.num_layers
+        for kept in shapes:
+            assert budget - neuron_step < remaining_params(SHAPE, kept) <= budget
+            assert kept.attention_layers >= 1 and kept.mlp_layers >= 1
+        masks.check_gqa(SHAPE, mode)
+        assert kept_sizes(masks) == shapes[-1]
+
+
+def test_a_cut_sublayer_stays_cut_when_alive_says_so():
+    alive = MaskSet.ones(SHAPE)
+    alive.neuron_mask[3] = 0  # the fine-tune ended with layer 3's MLP gone
+    _, shapes, _ = search_target(SHAPE, scores(), 0.5, sublayers(), measure=last, alive=alive,
+                                 layer_order=SUBLAYER_ORDER)
+    assert all(7 in _cut_units(kept) for kept in shapes)
+
+
+def test_sublayer_cuts_count_each_sublayers_norm():
+    kept = KeptSizes(hidden=32, heads=(0, 4, 4, 4), kv_heads=(0, 2, 2, 2), neurons=(48, 48, 0, 48))
+    full = remaining_params(SHAPE, KeptSizes.full(SHAPE))
+    attention = 2 * 32 * 8 * (4 + 2) + 32  # q, k, v, o and input_layernorm
+    mlp = 3 * 32 * 48 + 32  # gate, up, down and post_attention_layernorm
+    assert remaining_params(SHAPE, kept) == full - attention - mlp
+    assert kept.cut_layers == [] and (kept.attention_layers, kept.mlp_layers) == (3, 3)
+
+
+def test_sublayer_cuts_are_checked_at_start_up(tiny_config):
+    cfg = tiny_config("pruning.depth=auto", "pruning.depth_unit=sublayer", "pruning.layout=per_layer")
+    assert cfg.pruning.depth_unit == "sublayer" and preflight.depth_problems(cfg) == []
+    for overrides in (["pruning.depth_unit=sublayer", "pruning.layout=per_layer"],
+                      ["pruning.depth=auto", "pruning.depth_unit=sublayer"],
+                      ["pruning.depth=1", "pruning.depth_unit=sublayer", "pruning.layout=per_layer"]):
+        with pytest.raises(ConfigError, match="depth_unit: sublayer needs depth auto"):
+            tiny_config(*overrides)
+
+
+def test_sublayer_cuts_refuse_a_model_that_mixes_attention_kinds(tiny_config, tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=16, max_window_layers=2,
+                hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=128).save_pretrained(tmp_path / "mixed")
+    cfg = tiny_config("pruning.depth=auto", "pruning.depth_unit=sublayer", "pruning.layout=per_layer",
+                      f"model.path={tmp_path / 'mixed'}")
+    problems = preflight.sublayer_problems(cfg)
+    assert len(problems) == 1 and "pruning.depth_unit: sublayer needs one attention kind" in problems[0]
+
+
+def _cut_units(kept: KeptSizes) -> list[int]:
+    """The sublayer units a shape cuts, in unit order."""
+    return [2 * layer + kind for layer, (heads, neurons) in enumerate(zip(kept.heads, kept.neurons, strict=True))
+            for kind, size in ((0, heads), (1, neurons)) if size == 0]

@@ -65,14 +65,35 @@ def test_check_gqa_refuses_uneven_groups_in_query_in_group_mode():
         drop_group(MaskSet.ones(GQA), 0, 1).check_gqa(GQA, "query_in_group")
 
 
-def test_check_gqa_refuses_empty_layers_and_bad_shapes():
-    no_heads = drop_group(drop_group(MaskSet.ones(GQA), 1, 0), 1, 1)
-    with pytest.raises(ValueError, match="layer 1 keeps no attention head"):
-        no_heads.check_gqa(GQA, "kv_group")
-    no_neurons = MaskSet.ones(GQA)
-    no_neurons.neuron_mask[0] = 0
-    with pytest.raises(ValueError, match="layer 0 keeps no MLP neuron"):
-        no_neurons.check_gqa(GQA, "kv_group")
+@pytest.mark.parametrize("mode", ["kv_group", "query_in_group"])
+def test_check_gqa_accepts_a_layer_that_keeps_its_attention_or_its_mlp_alone(mode):
+    masks = MaskSet.ones(GQA)
+    masks.head_mask[0] = masks.kv_mask[0] = 0  # layer 0 without attention, layer 1 without MLP
+    masks.neuron_mask[1] = 0
+    masks.check_gqa(GQA, mode)
+
+
+@pytest.mark.parametrize("mode", ["kv_group", "query_in_group"])
+def test_check_gqa_refuses_half_a_cut_attention_and_every_layer_without_one_sublayer(mode):
+    kv_only = MaskSet.ones(GQA)
+    kv_only.head_mask[1] = 0  # KV heads kept for no query head: the attention is neither kept nor cut
+    with pytest.raises(ValueError, match="layer 1 keeps no query head but KV heads \\[0, 1\\]"):
+        kv_only.check_gqa(GQA, mode)
+    heads_only = MaskSet.ones(GQA)
+    heads_only.kv_mask[0] = 0
+    with pytest.raises(ValueError, match="layer 0: query heads survive in KV groups \\[0, 1\\]"):
+        heads_only.check_gqa(GQA, mode)
+    no_attention = MaskSet.ones(GQA)
+    no_attention.head_mask[:] = no_attention.kv_mask[:] = 0
+    with pytest.raises(ValueError, match="every layer's attention is cut"):
+        no_attention.check_gqa(GQA, mode)
+    no_mlp = MaskSet.ones(GQA)
+    no_mlp.neuron_mask[:] = 0
+    with pytest.raises(ValueError, match="every layer's MLP is cut"):
+        no_mlp.check_gqa(GQA, mode)
+
+
+def test_check_gqa_refuses_no_hidden_channel_and_bad_shapes():
     no_hidden = MaskSet.ones(GQA)
     no_hidden.hidden_mask[:] = 0
     with pytest.raises(ValueError, match="no hidden channel"):

@@ -9,7 +9,7 @@ from builders import LLAMA_MISTRAL_CASES, logits, train_like
 from pipeline.apt.adapters import inject_adapters, merge_adapters, set_masks
 from pipeline.apt.blocks import ModelShape, kept_sizes, remaining_params
 from pipeline.apt.masks import MaskSet, empty_layers
-from pipeline.apt.slicing import per_layer_config, slice_model
+from pipeline.apt.slicing import layer_slices, per_layer_config, plan_layer, slice_model
 
 CASES = [
     *LLAMA_MISTRAL_CASES,
@@ -107,8 +107,8 @@ def test_a_layer_masked_whole_leaves_the_export_which_loads_and_decodes_in_plain
         assert len(reloaded.config.layer_types) == 2
     torch.testing.assert_close(logits(reloaded, input_ids), expected, rtol=0, atol=1e-5)
     with torch.no_grad():  # the KV cache indexes the renumbered layers
-        past = reloaded(input_ids[:, :-1], use_cache=True).past_key_values
-        last = reloaded(input_ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        past = reloaded(input_ids[:, :-1], use_cache=True).cache
+        last = reloaded(input_ids[:, -1:], cache=past, use_cache=True).logits[:, -1]
     torch.testing.assert_close(last, expected[:, -1], rtol=0, atol=1e-4)
 
 
@@ -159,6 +159,8 @@ def test_compacting_a_wrapped_model_needs_the_same_counts_in_every_layer(tiny_mo
         (lambda m: m.kv_mask.__setitem__((0, 0), 0), "KV head is pruned"),
         (lambda m: m.head_mask.__setitem__((1, 0), 0), "same number in every group"),
         (lambda m: m.neuron_mask.__setitem__(1, 0), "no query head or no neuron"),
+        # A cut attention is the per-layer export's alone: a sliced model keeps the family's own layers.
+        (lambda m: (m.head_mask.__setitem__(1, 0), m.kv_mask.__setitem__(1, 0)), "no query head or no neuron"),
     ],
 )
 def test_inconsistent_masks_are_refused_before_anything_changes(tiny_model, edit, message):
@@ -198,3 +200,24 @@ def test_remaining_params_equals_the_size_of_the_sliced_model(tiny_model, random
         masks = random_masks(shape, generator, mode=mode, uniform=False)
         sliced = slice_model(model, masks)
         assert remaining_params(shape, kept_sizes(masks)) == sum(p.numel() for p in sliced.parameters()), trial
+
+
+def test_only_the_export_plans_a_layer_without_attention_or_without_mlp():
+    ones, zeros, hidden = torch.ones, torch.zeros, torch.arange(8)
+    no_attention = plan_layer(0, zeros(4), zeros(2), ones(6), sublayers_may_go=True)
+    assert no_attention.sizes() == {"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 6}
+    assert set(layer_slices(no_attention, hidden, 16)) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                           "post_attention_layernorm"}
+    no_mlp = plan_layer(0, ones(4), ones(2), zeros(6), sublayers_may_go=True)
+    assert no_mlp.has_attention and not no_mlp.has_mlp
+    assert set(layer_slices(no_mlp, hidden, 16)) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "input_layernorm"}
+    for rows in ((zeros(4), zeros(2), ones(6)), (ones(4), ones(2), zeros(6))):
+        with pytest.raises(ValueError, match="no query head or no neuron"):
+            plan_layer(0, *rows)
+    with pytest.raises(ValueError, match="keeps KV heads \\[1\\] but no query head"):
+        plan_layer(3, zeros(4), torch.tensor([0.0, 1.0]), ones(6), sublayers_may_go=True)
+    with pytest.raises(ValueError, match="no query head and no neuron"):
+        plan_layer(3, zeros(4), zeros(2), zeros(6), sublayers_may_go=True)
+    with pytest.raises(ValueError, match="KV head is pruned"):
+        plan_layer(3, ones(4), torch.tensor([0.0, 1.0]), zeros(6), sublayers_may_go=True)

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluation import interleaved_speedup
+from pipeline.evaluation import interleaved_speedup, model_sizes
 from pipeline.export import heterogeneous_config
 from pipeline.layout import RunLayout
-from pipeline.stages.eval import model_shape
-from pipeline.summary import describe_speed, run_summary
+from pipeline.summary import describe_shape, describe_speed, run_summary
 
 
 def test_interleaved_speedup_pairs_rounds_and_reports_spread(tiny_model):
@@ -51,9 +50,12 @@ def test_summary_names_sizes_scores_speed_and_how_to_load(tmp_path):
     assert f'from_pretrained("{layout.export}", trust_remote_code=True)' in run_summary(tmp_path, "base-dir")
 
 
-def test_the_shape_of_a_per_layer_export_is_read_from_layer_0(tiny_model):
-    config = tiny_model(num_layers=2).config
-    hetero = heterogeneous_config(config, {1: {"intermediate_size": 32, "num_attention_heads": 2}})
-    shape = model_shape(hetero)
-    assert shape == {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 96, "per_layer": True}
-    assert model_shape(config)["per_layer"] is False
+def test_the_shape_of_a_per_layer_export_is_read_per_layer(tiny_model):
+    config = tiny_model(num_layers=3).config
+    hetero = heterogeneous_config(config, {1: {"intermediate_size": 32, "num_attention_heads": 2},
+                                           2: {"num_attention_heads": 0, "num_key_value_heads": 0}})
+    shape = model_sizes(hetero)
+    assert shape == {"hidden": 64, "layers": 3, "heads": [4, 2, 0], "kv_heads": [2, 2, 0], "intermediate": [96, 32, 96],
+                     "per_layer": True}
+    assert "[4, 2, 0] heads ([2, 2, 0] KV) / [96, 32, 96] neurons x 3 layers, per layer" in describe_shape(shape)
+    assert model_sizes(config)["per_layer"] is False

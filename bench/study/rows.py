@@ -78,6 +78,11 @@ against the seed spread)."""
 PREVIOUS_MACHINE_ONLY = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late")
 """Ablations measured only on the previous machine's pretrained model (bench/results/study-previous-machine.json):
 `--methods` runs them; the default study, timed whole on this machine, leaves them out."""
+PER_LAYER = ("apt-per-layer", "apt-sublayer")
+"""The per-layer layout without and with sublayer cuts (`--methods`: 8.6 min here, which would take the default
+study past its 90-minute budget)."""
+OPT_IN = PREVIOUS_MACHINE_ONLY + PER_LAYER
+"""Ablations the default run leaves out."""
 CRITERION_BY_SCHEDULE = {("apt", "gradual"): "apt", ("apt", "one_shot"): "apt-one-shot",
                          ("activation", "gradual"): "apt-activation", ("activation", "one_shot"): "activation"}
 """APT's salience and activation scores, each with APT's gradual schedule and one-shot: the rows that tell a

@@ -37,7 +37,7 @@ from bench.report import environment_lines, write_section
 from bench.study import study_report
 from bench.study.apt_run import DataSettings, RecoverySettings, prepare_data, run_apt, run_config
 from bench.study.pretrain import PretrainSettings, pretrain
-from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, PREVIOUS_MACHINE_ONLY, ROWS, ingredients
+from bench.study.rows import ABLATIONS, LORA, MAIN, NO_RECOVERY, OPT_IN, ROWS, ingredients
 from bench.study.scoring import count_params, evaluate, load_model
 from pipeline.evaluation import model_sizes
 from pipeline.stage import write_atomic
@@ -77,8 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller model and budget for a few-minute look")
     parser.add_argument("--methods", nargs="+", choices=list(ROWS), help="rows to run (default: every row but "
-                        f"{', '.join(PREVIOUS_MACHINE_ONLY)})",
-                        default=[method for method in ROWS if method not in PREVIOUS_MACHINE_ONLY])
+                        f"{', '.join(OPT_IN)})", default=[method for method in ROWS if method not in OPT_IN])
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="targets to run (default: the preset's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds to run (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1, help="pipelines at once (each with --threads torch threads)")
@@ -250,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         results = run(args)
         results["parts"] = earlier_parts(args.json) + [{"command": command, "wall_seconds": results["wall_seconds"],
-                                                         "runs_done_here": len(planned_runs(args))}]
+                                                         "runs_done_here": len(planned_runs(args)),
+                                                         "opt_in": set(args.methods) <= set(OPT_IN)}]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(results, indent=2) + "\n")
     study_report.plot(results, args.plot)

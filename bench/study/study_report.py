@@ -225,6 +225,15 @@ def detail_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def opt_in_line(parts: list[dict]) -> str:
+    """How the wall time splits between the default study's parts and those that ran only opt-in rows."""
+    opt_in = sum(part["wall_seconds"] for part in parts if part.get("opt_in"))
+    if not opt_in:
+        return ""
+    default = sum(part["wall_seconds"] for part in parts) - opt_in
+    return f"; the default study's parts {default / 60:.1f} min, the opt-in rows' (`--methods`) {opt_in / 60:.1f} min"
+
+
 def setting_lines(results: dict) -> list[str]:
     settings, data, dense = results["settings"], results["data"], results["dense"]
     model, recovery = settings["pretrain"], settings["recovery"]
@@ -235,7 +244,7 @@ def setting_lines(results: dict) -> list[str]:
         f"({results['jobs']} pipelines at once, {results['threads']} torch thread each): "
         + "; ".join(f"`{part['command']}` {part['wall_seconds'] / 60:.1f} min" for part in parts)
         + f"; the runs' pipelines took {sum(run['pipeline_seconds'] for run in results['runs']) / 60:.1f} min in all "
-        f"(one after another; a part that found a run's record reused it)",
+        f"(one after another; a part that found a run's record reused it){opt_in_line(parts)}",
         f"- data: SentencePiece BPE (vocabulary {data['vocab_size']}) on `data/python-docs.jsonl`, seq_len "
         f"{data['seq_len']}: {data['train_blocks']} train blocks, {data['validation_blocks']} validation blocks",
         f"- model: LlamaForCausalLM, hidden {model['hidden_size']}, {model['num_layers']} layers, {model['num_heads']} "

@@ -54,7 +54,7 @@ def test_rows_differ_from_apt_only_in_their_recipe(tmp_path):
 def test_the_plan_runs_every_row_seed_first(tmp_path):
     args = run_study.parse_args(["--out", str(tmp_path)])
     planned = run_study.planned_runs(args)
-    ablations = [method for method in rows.ABLATIONS if method not in rows.PREVIOUS_MACHINE_ONLY]
+    ablations = [method for method in rows.ABLATIONS if method not in rows.OPT_IN]
     per_seed = 1 + 3 * len(rows.MAIN) + sum(len(rows.ROWS[method].targets) for method in ablations)
     assert len(planned) == len(set(planned)) == 3 * per_seed + 3 * len(rows.NO_RECOVERY)  # no-recovery: first seed
     assert [seed for _, _, seed in planned] == sorted(seed for _, _, seed in planned)

@@ -54,8 +54,14 @@ def load_base_model(directory: Path, model_cfg, ds_config: dict, dtype: torch.dt
 def original_base(model_cfg, directory: Path, vocab_size: int, ds_config: dict, seed: int,
                   dtype: torch.dtype | None = None):
     """The run's original base: loaded from `directory`, or, the first time a run without `model.path` starts,
-    built from the model section with the same seed on every rank (no rank waits) and saved there by rank 0."""
-    if (directory / "config.json").is_file() or model_cfg.path is not None:
+    built from the model section with the same seed on every rank and saved there by rank 0."""
+    if model_cfg.path is not None:
+        return load_base_model(directory, model_cfg, ds_config, dtype)
+    saved = (directory / "config.json").is_file()
+    # Every rank looks before rank 0 writes: a rank that looked later would load (under ZeRO-3, partitioned, its
+    # broadcasts unmatched) while the others build, and the ranks would hang.
+    dist.barrier()
+    if saved:
         return load_base_model(directory, model_cfg, ds_config, dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(model_cfg, vocab_size), dtype=torch.float32)

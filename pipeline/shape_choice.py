@@ -35,7 +35,13 @@ from pipeline.apt.depth import (
 )
 from pipeline.apt.masks import MaskSet
 from pipeline.apt.search import search_masks
-from pipeline.apt.shapes import candidate_shapes, masks_for_shape, shape_fraction, uniform_shape
+from pipeline.apt.shapes import (
+    candidate_shapes,
+    masks_for_shape,
+    relative_to_layer,
+    shape_fraction,
+    uniform_shape,
+)
 
 IGNORE_INDEX = -100
 """Label of tokens the causal-LM loss leaves out (transformers' convention)."""
@@ -237,6 +243,8 @@ def shapes_without(shape: ModelShape, scores, rho: float, pruning, removed: Sequ
         small_alive = without_sublayers(small_alive or MaskSet.ones(small), [kept_layers.index(i) for i in attention],
                                         [kept_layers.index(i) for i in mlp])
         options["sublayers"] = True
+    if pruning.layout == "per_layer" and pruning.per_layer_ranking == "relative":
+        small_scores = relative_to_layer(small_scores, small_alive)
     fraction = rho
     if removed:  # the same budget in parameters; half a parameter over it so the search's floor lands on it
         fraction = min(1.0, (math.floor(rho * total_params(shape)) + 0.5) / total_params(small))

@@ -52,6 +52,11 @@ ROWS = {
     "apt-per-layer": Row("APT, per-layer sizes (pruning.layout=per_layer)", {"pruning": {"layout": "per_layer"}}),
     "apt-sublayer": Row("APT, per-layer, a layer's attention or MLP alone cut by loss (depth_unit=sublayer)",
                         {"pruning": {"layout": "per_layer", "depth": "auto", "depth_unit": "sublayer"}}),
+    "apt-per-layer-relative": Row("APT, per-layer sizes ranked relative to each layer (per_layer_ranking=relative)",
+                                  {"pruning": {"layout": "per_layer", "per_layer_ranking": "relative"}}),
+    "apt-sublayer-relative": Row("APT, per-layer relative ranking and sublayer cuts",
+                                 {"pruning": {"layout": "per_layer", "per_layer_ranking": "relative", "depth": "auto",
+                                              "depth_unit": "sublayer"}}),
     "shortgpt": Row("ShortGPT-style: the 4 lowest-influence layers cut one-shot",
                     {"pruning": {"criterion": "magnitude", "depth": 4, **ONE_SHOT}}),
     "lora": Row("LoRA on the dense model (cost reference)", {"pruning": {"criterion": "magnitude", **ONE_SHOT},
@@ -72,15 +77,16 @@ MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
              "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-momentum-50", "apt-momentum-95",
-             "apt-update-10", "apt-depth", "apt-auto", "apt-per-layer", "apt-sublayer", "shortgpt")
+             "apt-update-10", "apt-depth", "apt-auto", "apt-per-layer", "apt-sublayer", "apt-per-layer-relative",
+             "apt-sublayer-relative", "shortgpt")
 """Run at their row's targets (ABLATION_TARGET unless it says) with every seed (a change to the method is judged
 against the seed spread)."""
 PREVIOUS_MACHINE_ONLY = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late")
 """Ablations measured only on the previous machine's pretrained model (bench/results/study-previous-machine.json):
 `--methods` runs them; the default study, timed whole on this machine, leaves them out."""
-PER_LAYER = ("apt-per-layer", "apt-sublayer")
-"""The per-layer layout without and with sublayer cuts (`--methods`: 8.6 min here, which would take the default
-study past its 90-minute budget)."""
+PER_LAYER = ("apt-per-layer", "apt-sublayer", "apt-per-layer-relative", "apt-sublayer-relative")
+"""The per-layer layout without and with sublayer cuts, each ranked by salience as it is and relative to each layer
+(`--methods`: about 9 min a pair here, which would take the default study past its 90-minute budget)."""
 OPT_IN = PREVIOUS_MACHINE_ONLY + PER_LAYER
 """Ablations the default run leaves out."""
 CRITERION_BY_SCHEDULE = {("apt", "gradual"): "apt", ("apt", "one_shot"): "apt-one-shot",
@@ -105,5 +111,5 @@ def ingredients(cfg) -> dict:
             "tokens": train.steps * train.micro_batch_size * train.grad_accum * cfg.data.seq_len,
             "teacher_forwards": teacher_steps, "shape_search": pruning.shape_search,
             "salience_gradient": pruning.salience_gradient, "outlier_term": apt.outlier_term, "depth": pruning.depth,
-            "depth_unit": pruning.depth_unit, "layout": pruning.layout,
+            "depth_unit": pruning.depth_unit, "layout": pruning.layout, "per_layer_ranking": pruning.per_layer_ranking,
             "calibration_batches": pruning.one_shot_batches if pruning.schedule == "one_shot" else 0}

@@ -13,7 +13,7 @@ search on what is left.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.apt.blocks import KeptSizes, ModelShape, count_params
 from pipeline.apt.masks import MaskSet, empty_layers
+from pipeline.apt.search import score_reader
 
 
 class BlockInfluence:
@@ -181,7 +182,7 @@ def without_layers(shape: ModelShape, removed: Sequence[int]) -> tuple[ModelShap
 
 def layer_rows(scores, kept: Sequence[int]) -> dict[str, torch.Tensor]:
     """Head and neuron rows of the kept layers (hidden as it is), from a mapping or `SalienceScores`."""
-    read = (lambda name: scores[name]) if isinstance(scores, Mapping) else (lambda name: getattr(scores, name))
+    read = score_reader(scores)
     rows = torch.tensor(list(kept))
     return {"head": read("head")[rows], "neuron": read("neuron")[rows], "hidden": read("hidden")}
 

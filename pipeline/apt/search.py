@@ -124,6 +124,11 @@ def _check_arguments(shape, remaining_fraction, attention_mode, layout, round_to
         raise ValueError(f"round_to={round_to} exceeds intermediate_size={shape.intermediate_size}")
 
 
+def score_reader(scores):
+    """name -> tensor, from a mapping ("head", "neuron", "hidden") or an object with those attributes."""
+    return (lambda name: scores[name]) if isinstance(scores, Mapping) else (lambda name: getattr(scores, name))
+
+
 def _read_scores(shape: ModelShape, scores) -> dict[str, torch.Tensor]:
     """float64 copies of the scores, from a mapping or an object with .head/.neuron/.hidden (SalienceScores)."""
     expected = {

@@ -16,7 +16,15 @@ import torch
 
 from pipeline.apt.blocks import KeptSizes, ModelShape, count_params, remaining_params, total_params
 from pipeline.apt.masks import MaskSet
-from pipeline.apt.search import _attention_unit, _check_arguments, _densities, _hidden_minimum, _masks, _read_scores
+from pipeline.apt.search import (
+    _attention_unit,
+    _check_arguments,
+    _densities,
+    _hidden_minimum,
+    _masks,
+    _read_scores,
+    score_reader,
+)
 
 SPLITS: tuple[tuple[float, float, float], ...] = (
     (1, 1, 1),  # every type shrinks alike (Sheared-LLaMA's shapes are close to this)
@@ -152,6 +160,21 @@ def masks_for_shape(
     if masks.head_mask.sum(1).tolist() != list(kept.heads) or masks.kv_mask.sum(1).tolist() != list(kept.kv_heads):
         raise ValueError(f"{kept} is not a shape {attention_mode} mode can keep in this model")
     return masks
+
+
+def relative_to_layer(scores, alive: MaskSet | None = None) -> dict[str, torch.Tensor]:
+    """Head and neuron scores divided, layer by layer, by the layer's mean over its live units (`alive`; all by
+    default); hidden as it is. Within a layer the order is unchanged: only the ranking across layers moves."""
+    read = score_reader(scores)
+
+    def per_layer(rows: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+        live = torch.ones_like(rows, dtype=torch.bool) if live is None else live.to(rows.device) > 0
+        mean = (rows * live).sum(1, keepdim=True) / live.sum(1, keepdim=True).clamp_min(1)
+        return rows / mean.clamp_min(torch.finfo(rows.dtype).tiny)
+
+    return {"head": per_layer(read("head").double(), None if alive is None else alive.head_mask),
+            "neuron": per_layer(read("neuron").double(), None if alive is None else alive.neuron_mask),
+            "hidden": read("hidden")}
 
 
 def shape_fraction(shape: ModelShape, kept: KeptSizes) -> float:

@@ -14,6 +14,7 @@ from pipeline.apt.shapes import (
     SPLITS,
     candidate_shapes,
     masks_for_shape,
+    relative_to_layer,
     shape_fraction,
     target_shape_problems,
     uniform_shape,
@@ -142,6 +143,27 @@ def test_per_layer_sizes_follow_the_ranking_across_layers():
     shapes = candidate_shapes(shape, 0.5, scores=scores, layout="per_layer", round_to=8, min_hidden=8)
     assert all(kept.neurons[1] >= kept.neurons[0] and kept.kv_heads[1] >= kept.kv_heads[0] for kept in shapes)
     assert any(kept.neurons[1] > kept.neurons[0] for kept in shapes)
+
+
+def test_relative_ranking_weighs_a_unit_against_its_own_layer():
+    """Layer 1's scores are layer 0's times 10: ranked as they are, layer 0 loses far more; relative to each
+    layer's mean, the two layers are alike and keep alike, each layer's own order unchanged."""
+    shape = make_shape(GQA, intermediate_size=64)
+    scores = random_scores(shape, 2)
+    scores["neuron"][1] = 10 * scores["neuron"][0]
+    scores["head"][1] = 10 * scores["head"][0]
+    relative = relative_to_layer(scores)
+    torch.testing.assert_close(relative["neuron"][0], relative["neuron"][1])
+    torch.testing.assert_close(relative["neuron"].mean(1), torch.ones(2, dtype=torch.float64))
+    assert torch.equal(relative["neuron"][0].argsort(), scores["neuron"][0].argsort())
+    options = dict(layout="per_layer", round_to=8, min_hidden=8, count=1)
+    (raw,) = candidate_shapes(shape, 0.5, scores=scores, **options)
+    (even,) = candidate_shapes(shape, 0.5, scores=relative, **options)
+    assert raw.neurons[0] < raw.neurons[1] and even.neurons[0] == even.neurons[1]
+    alive = MaskSet.ones(shape)
+    alive.neuron_mask[0, :32] = 0  # dead units leave the mean: the live ones' mean is 1
+    live = relative_to_layer(scores, alive)["neuron"][0, 32:]
+    torch.testing.assert_close(live.mean(), torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -170,7 +170,8 @@ def relative_to_layer(scores, alive: MaskSet | None = None) -> dict[str, torch.T
     def per_layer(rows: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
         live = torch.ones_like(rows, dtype=torch.bool) if live is None else live.to(rows.device) > 0
         mean = (rows * live).sum(1, keepdim=True) / live.sum(1, keepdim=True).clamp_min(1)
-        return rows / mean.clamp_min(torch.finfo(rows.dtype).tiny)
+        # A layer with no live unit (a cut sublayer) or only zero scores has nothing to rank: left as it is.
+        return rows / torch.where(mean > 0, mean, torch.ones_like(mean))
 
     return {"head": per_layer(read("head").double(), None if alive is None else alive.head_mask),
             "neuron": per_layer(read("neuron").double(), None if alive is None else alive.neuron_mask),

@@ -213,11 +213,12 @@ def test_sublayer_influence_reads_the_residual_stream_around_each_sublayer(tiny_
     assert units.sums[1].tolist() == [input_ids.numel()] * 6
 
 
-def test_sublayer_cuts_are_weighed_against_widths_within_the_budget():
+@pytest.mark.parametrize("ranking", ["salience", "relative"])
+def test_sublayer_cuts_are_weighed_against_widths_within_the_budget(ranking):
     budget = math.floor(0.5 * total_params(SHAPE))
     for mode in ("kv_group", "query_in_group"):
-        masks, shapes, _ = search_target(SHAPE, scores(), 0.5, sublayers(attention_mode=mode), measure=last,
-                                         layer_order=SUBLAYER_ORDER)
+        options = sublayers(attention_mode=mode, per_layer_ranking=ranking)
+        masks, shapes, _ = search_target(SHAPE, scores(), 0.5, options, measure=last, layer_order=SUBLAYER_ORDER)
         cut = [unit for kept in shapes for unit in _cut_units(kept)]
         assert [_cut_units(kept) for kept in shapes if _cut_units(kept)][:3] == [[2], [2, 5], [2, 5, 7]]
         assert 2 in cut and all(unit in SUBLAYER_ORDER for unit in cut)

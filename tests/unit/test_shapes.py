@@ -164,6 +164,9 @@ def test_relative_ranking_weighs_a_unit_against_its_own_layer():
     alive.neuron_mask[0, :32] = 0  # dead units leave the mean: the live ones' mean is 1
     live = relative_to_layer(scores, alive)["neuron"][0, 32:]
     torch.testing.assert_close(live.mean(), torch.tensor(1.0, dtype=torch.float64))
+    alive.neuron_mask[1] = 0  # layer 1's MLP cut (pruning.depth_unit=sublayer): nothing to scale, nothing infinite
+    cut = relative_to_layer(scores, alive)["neuron"]
+    assert torch.isfinite(cut).all() and torch.equal(cut[1], scores["neuron"][1].double())
 
 
 @pytest.mark.parametrize("mode", MODES)

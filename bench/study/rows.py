@@ -52,10 +52,11 @@ ROWS = {
     "apt-per-layer": Row("APT, per-layer sizes (pruning.layout=per_layer)", {"pruning": {"layout": "per_layer"}}),
     "apt-sublayer": Row("APT, per-layer, a layer's attention or MLP alone cut by loss (depth_unit=sublayer)",
                         {"pruning": {"layout": "per_layer", "depth": "auto", "depth_unit": "sublayer"}}),
-    "apt-per-layer-relative": Row("APT, per-layer sizes ranked relative to each layer (per_layer_ranking=relative)",
-                                  {"pruning": {"layout": "per_layer", "per_layer_ranking": "relative"}}),
-    "apt-sublayer-relative": Row("APT, per-layer relative ranking and sublayer cuts",
-                                 {"pruning": {"layout": "per_layer", "per_layer_ranking": "relative", "depth": "auto",
+    "apt-per-layer-salience": Row("APT, per-layer sizes ranked by raw salience across layers "
+                                  "(per_layer_ranking=salience)",
+                                  {"pruning": {"layout": "per_layer", "per_layer_ranking": "salience"}}),
+    "apt-sublayer-salience": Row("APT, per-layer raw-salience ranking and sublayer cuts",
+                                 {"pruning": {"layout": "per_layer", "per_layer_ranking": "salience", "depth": "auto",
                                               "depth_unit": "sublayer"}}),
     "shortgpt": Row("ShortGPT-style: the 4 lowest-influence layers cut one-shot",
                     {"pruning": {"criterion": "magnitude", "depth": 4, **ONE_SHOT}}),
@@ -77,16 +78,17 @@ MAIN = ("apt", *EQUAL_RECOVERY, "llm-pruner")
 """Run at every target and seed."""
 ABLATIONS = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late", "apt-activation",
              "apt-one-shot", "apt-after-mask", "apt-no-outlier", "apt-momentum-50", "apt-momentum-95",
-             "apt-update-10", "apt-depth", "apt-auto", "apt-per-layer", "apt-sublayer", "apt-per-layer-relative",
-             "apt-sublayer-relative", "shortgpt")
+             "apt-update-10", "apt-depth", "apt-auto", "apt-per-layer", "apt-sublayer", "apt-per-layer-salience",
+             "apt-sublayer-salience", "shortgpt")
 """Run at their row's targets (ABLATION_TARGET unless it says) with every seed (a change to the method is judged
 against the seed spread)."""
 PREVIOUS_MACHINE_ONLY = ("apt-no-growth", "apt-no-distill", "apt-global", "apt-early", "apt-late")
 """Ablations measured only on the previous machine's pretrained model (bench/results/study-previous-machine.json):
 `--methods` runs them; the default study, timed whole on this machine, leaves them out."""
-PER_LAYER = ("apt-per-layer", "apt-sublayer", "apt-per-layer-relative", "apt-sublayer-relative")
-"""The per-layer layout without and with sublayer cuts, each ranked by salience as it is and relative to each layer
-(`--methods`: about 9 min a pair here, which would take the default study past its 90-minute budget)."""
+PER_LAYER = ("apt-per-layer", "apt-sublayer", "apt-per-layer-salience", "apt-sublayer-salience")
+"""The per-layer layout without and with sublayer cuts, each with the default ranking across layers (relative to
+each layer) and with raw salience (`--methods`: 7-9 min a pair here, which would take the default study past its
+90-minute budget)."""
 OPT_IN = PREVIOUS_MACHINE_ONLY + PER_LAYER
 """Ablations the default run leaves out."""
 CRITERION_BY_SCHEDULE = {("apt", "gradual"): "apt", ("apt", "one_shot"): "apt-one-shot",

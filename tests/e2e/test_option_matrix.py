@@ -48,9 +48,11 @@ ZeRO stages, with and without compaction and distillation. The criterion is only
 is the same code, and tests/unit/test_criteria.py checks each ranking), so the rows carry them without covering
 every pair: that would take fifteen rows. The default pair (apt, gradual) runs in every other e2e test."""
 SCORING = {("taylor", "gradual"): ["pruning.salience_gradient=after_mask"],
-           ("apt", "one_shot"): ["apt.outlier_term=false"]}
+           ("apt", "one_shot"): ["apt.outlier_term=false"],
+           ("magnitude", "gradual"): ["pruning.per_layer_ranking=salience"]}
 """The salience's own options, each on a row whose ranking reads it: the gradient after the mask where masks fade
-(gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term."""
+(gradual; taylor's products; ZeRO-3, two ranks), the apt criterion without its outlier term, and a per-layer row
+ranking units across layers by raw scores instead of relative to each layer."""
 TARGET = [32, 2, 1, 64, 1]
 """A fixed final shape with a layer count: [hidden, heads, kv_heads, intermediate, layers]."""
 SUBLAYERS = ["pruning.depth=auto", "pruning.depth_unit=sublayer"]

@@ -318,7 +318,7 @@ class AptFinetuneRecipe:
         state.target, shapes, choice = search_target(self.shape, state.ema, final_remaining(pruning, self.shape),
                                                      pruning, measure=self.measure_shapes,
                                                      layer_order=self.measure_layers())
-        state.masks = MaskSet.from_dict({name: mask.clone() for name, mask in state.target.to_dict().items()})
+        state.masks = state.target.clone()
         set_masks(self.engine.module, state.masks)
         if dist.is_main():
             updates.save_update(self.layout.updates, state)

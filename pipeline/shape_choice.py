@@ -266,11 +266,9 @@ def describe(shape: ModelShape, shapes: Sequence[KeptSizes], choice: ShapeChoice
     rows = []
     for index, kept in enumerate(shapes):
         loss = None if choice is None else choice.losses[index]
-        sizes = list(zip(kept.heads, kept.neurons, strict=True))
         rows.append({"hidden": kept.hidden, "heads": list(kept.heads), "kv_heads": list(kept.kv_heads),
                      "neurons": list(kept.neurons), "cut_layers": kept.cut_layers,
-                     "cut_attention": [i for i, (h, n) in enumerate(sizes) if h == 0 < n],
-                     "cut_mlp": [i for i, (h, n) in enumerate(sizes) if n == 0 < h],
+                     "cut_attention": kept.cut_attention, "cut_mlp": kept.cut_mlp,
                      "remaining_fraction": shape_fraction(shape, kept),
                      "loss": loss if loss is not None and math.isfinite(loss) else None,
                      "chosen": index == (0 if choice is None else choice.index)})

@@ -82,6 +82,18 @@ class KeptSizes:
                 if heads == 0 and neurons == 0]
 
     @property
+    def cut_attention(self) -> list[int]:
+        """Layers that lose their attention alone (`pruning.depth_unit=sublayer`): no query head, some neurons."""
+        return [layer for layer, (heads, neurons) in enumerate(zip(self.heads, self.neurons, strict=True))
+                if heads == 0 < neurons]
+
+    @property
+    def cut_mlp(self) -> list[int]:
+        """Layers that lose their MLP alone: no neuron, some query heads."""
+        return [layer for layer, (heads, neurons) in enumerate(zip(self.heads, self.neurons, strict=True))
+                if neurons == 0 < heads]
+
+    @property
     def attention_layers(self) -> int:
         """Layers that keep their attention (a layer may lose it alone under `pruning.depth_unit=sublayer`)."""
         return sum(heads > 0 for heads in self.heads)

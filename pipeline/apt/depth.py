@@ -135,7 +135,7 @@ def params_without(shape: ModelShape, units: Sequence[int], sublayers: bool) -> 
 
 def without_sublayers(alive: MaskSet, attention: Sequence[int], mlp: Sequence[int]) -> MaskSet:
     """`alive` with the `attention` layers' heads and KV heads and the `mlp` layers' neurons cut."""
-    masks = MaskSet(**{name: mask.clone() for name, mask in alive.to_dict().items()})
+    masks = alive.clone()
     for layer in attention:
         masks.head_mask[layer] = 0
         masks.kv_mask[layer] = 0

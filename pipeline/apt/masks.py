@@ -36,6 +36,10 @@ class MaskSet:
             hidden_mask=torch.ones(shape.hidden_size),
         )
 
+    def clone(self) -> MaskSet:
+        """A copy whose tensors can be written without touching these."""
+        return MaskSet(**{name: mask.clone() for name, mask in self.to_dict().items()})
+
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Field name -> tensor, e.g. for safetensors."""
         return {field.name: getattr(self, field.name) for field in fields(self)}

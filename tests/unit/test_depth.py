@@ -245,6 +245,7 @@ def test_sublayer_cuts_count_each_sublayers_norm():
     mlp = 3 * 32 * 48 + 32  # gate, up, down and post_attention_layernorm
     assert remaining_params(SHAPE, kept) == full - attention - mlp
     assert kept.cut_layers == [] and (kept.attention_layers, kept.mlp_layers) == (3, 3)
+    assert (kept.cut_attention, kept.cut_mlp) == ([0], [2])
 
 
 def test_sublayer_cuts_are_checked_at_start_up(tiny_config):
